@@ -1,0 +1,21 @@
+"""dfkt: data-free knowledge transfer.
+
+Two branches on one core of "data reconstruction + knowledge transfer":
+
+* ``dfkt.distill(teacher, student, method=...)`` — data-free knowledge distillation (DFKD);
+* ``dfkt.adapt(model, target, method=...)`` — source-free domain adaptation (SFDA).
+"""
+from __future__ import annotations
+
+import logging
+
+from .api import Result, adapt, distill, load, train_supervised
+from .core.context import TrainConfig
+from .errors import CheckpointError, ConfigError, DataError, DfktError, ModelError, NonFiniteError
+from .registry import list_methods, register
+
+__version__ = "0.1.0"
+__all__ = ["adapt", "distill", "load", "list_methods", "register", "train_supervised", "Result", "TrainConfig",
+           "DfktError", "ConfigError", "DataError", "ModelError", "CheckpointError", "NonFiniteError"]
+
+logging.getLogger("dfkt").addHandler(logging.NullHandler())

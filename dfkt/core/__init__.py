@@ -1,0 +1,1 @@
+"""The shared core: data reconstruction + knowledge transfer, written once for both branches."""

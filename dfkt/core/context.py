@@ -1,0 +1,165 @@
+"""The run context every method receives, and the training settings shared by all methods."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, NonFiniteError
+from ..models.split import Parts, split
+from . import distributed as dist
+from .loader import make_loader
+
+log = logging.getLogger("dfkt")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the one loop. ``None`` means: the method's default (see ``Method.defaults``)."""
+
+    epochs: Optional[int] = None            # SFDA: passes over the target; DFKD: epochs of iters_per_epoch
+    iters_per_epoch: Optional[int] = None   # DFKD (synthetic data has no natural epoch)
+    batch_size: Optional[int] = None        # global batch (split over ranks under torchrun)
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                        # bf16 autocast on CUDA; ignored on CPU
+    num_workers: int = 0
+    checkpoint_dir: Optional[str] = None    # resume.pt written there every checkpoint_every epochs
+    checkpoint_every: int = 1
+    max_bad_steps: int = 10                 # consecutive NaN/inf steps before the run stops
+    eval_every: int = 1
+    time_budget_s: Optional[float] = None   # stop after this much training time (checked per step)
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("epochs", "iters_per_epoch", "batch_size", "checkpoint_every", "eval_every", "max_bad_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {v}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}.")
+
+    def resolved(self, defaults: dict) -> "TrainConfig":
+        """Fill ``None`` fields from a method's defaults, then from global ones."""
+        base = {"epochs": 10, "iters_per_epoch": 100, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0}
+        base.update(defaults)
+        out = TrainConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for k, v in base.items():
+            if getattr(out, k) is None:
+                setattr(out, k, v)
+        return out
+
+
+class StepGuard:
+    """Backward + optimiser step with a NaN/inf guard (and a GradScaler for fp16 AMP).
+
+    A step whose loss or gradients are not finite is skipped and logged with its loss terms; after
+    ``max_bad`` consecutive bad steps the run stops with :class:`NonFiniteError`.
+    """
+
+    def __init__(self, max_bad: int, scaler: "torch.amp.GradScaler | None" = None):
+        self.max_bad, self.scaler = max_bad, scaler
+        self.bad_in_a_row, self.skipped = 0, 0
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int,
+                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False) -> bool:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward(retain_graph=retain_graph)
+            self.scaler.unscale_(optimizer)
+        else:
+            loss.backward(retain_graph=retain_graph)
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = torch.isfinite(loss.detach())
+        if grads:
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        ok = bool(finite)  # one sync per optimiser step (as GradScaler does)
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            bad = {k: float(v) for k, v in (terms or {}).items() if not torch.isfinite(torch.as_tensor(v)).all()}
+            log.warning("step %d: non-finite loss or gradient (loss=%s, bad terms=%s): step skipped (%d in a row)",
+                        step, float(loss.detach()), bad or "gradients only", self.bad_in_a_row)
+            if self.scaler is not None:
+                self.scaler.update()
+            if self.bad_in_a_row >= self.max_bad:
+                raise NonFiniteError(
+                    f"{self.bad_in_a_row} consecutive non-finite steps, the last at step {step} "
+                    f"(loss={float(loss.detach())}, non-finite terms: {bad or 'none; gradients overflowed'}). "
+                    f"Lower train.lr, check the inputs, or raise train.max_bad_steps.")
+        optimizer.zero_grad(set_to_none=True)
+        return ok
+
+
+@dataclass
+class Context:
+    """What a method works with: models, device, settings, data, counters and helpers."""
+
+    learner: nn.Module                      # the model being trained (student / adapted model)
+    teacher: Optional[nn.Module]            # frozen knowledge source (teacher / source model copy)
+    train: TrainConfig
+    device: torch.device
+    num_classes: int
+    input_shape: tuple
+    target: Any = None                      # SFDA: the unlabeled target data set
+    rng: torch.Generator = field(default_factory=torch.Generator)
+    step: int = 0
+    epoch: int = 0
+    steps_per_epoch: int = 1                # set by the method at setup (for lr schedules)
+    parts: Parts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.parts = split(self.learner)
+        use_amp = self.train.amp and self.device.type == "cuda"
+        self.amp_dtype = None
+        scaler = None
+        if use_amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if self.amp_dtype == torch.float16:
+                scaler = torch.amp.GradScaler("cuda")
+        self.guard = StepGuard(self.train.max_bad_steps, scaler)
+
+    # -- helpers used by methods -------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False) -> bool:
+        """Backward, guard against NaN/inf, step and zero the gradients."""
+        return self.guard(loss, optimizer, self.step, terms, retain_graph)
+
+    def loader(self, dataset, shuffle: bool = True, drop_last: bool = False, batch_size: int | None = None,
+               shard: bool = True):
+        """Batches of (x, y, idx) on the device; the batch size is per process (global / world size)."""
+        bs = batch_size or self.train.batch_size
+        per_rank = max(1, bs // dist.world_size()) if shard else bs
+        return make_loader(dataset, per_rank, self.device, shuffle=shuffle, drop_last=drop_last,
+                           generator=self.rng, num_workers=self.train.num_workers, shard=shard)
+
+    def ddp(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DDP under torchrun (gradients averaged over ranks), else itself."""
+        return dist.ddp(module, self.device)
+
+    @property
+    def batch_per_rank(self) -> int:
+        return max(1, self.train.batch_size // dist.world_size())
+
+    @property
+    def total_steps(self) -> int:
+        """Total optimisation steps the schedule expects (for lr decay)."""
+        return max(1, self.train.epochs * self.steps_per_epoch)

@@ -1,0 +1,82 @@
+"""Evaluation: accuracy on labelled data and label-free scores for model selection on targets."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.split import split
+from .loader import make_loader
+
+EPS = 1e-5
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, device: torch.device, batch_size: int = 512,
+            features: bool = False) -> dict[str, torch.Tensor]:
+    """Logits (and bottleneck features) for every sample in index order, kept on ``device``."""
+    was = model.training
+    model.eval()
+    parts = split(model) if features else None
+    n = len(dataset)
+    logits = feats = None
+    labels = torch.full((n,), -1, dtype=torch.long, device=device)
+    for x, y, idx in make_loader(dataset, batch_size, device, shuffle=False, shard=False):
+        if parts is not None:
+            f = parts.features(x)
+            out = parts.head(f)
+            if feats is None:
+                feats = torch.empty(n, f.shape[1], device=device)
+            feats[idx] = f.float()
+        else:
+            out = model(x)
+        if logits is None:
+            logits = torch.empty(n, out.shape[1], device=device)
+        logits[idx] = out.float()
+        labels[idx] = y
+    model.train(was)
+    out = {"logits": logits, "labels": labels}
+    if feats is not None:
+        out["features"] = feats
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent over the rows with a label (>= 0)."""
+    valid = labels >= 0
+    if not bool(valid.any()):
+        return float("nan")
+    return float((logits[valid].argmax(1) == labels[valid]).float().mean() * 100)
+
+
+def snd(probs: torch.Tensor, temperature: float = 0.05, chunk: int = 2048) -> float:
+    """Soft Neighbourhood Density (Saito et al. 2021): higher = denser, better-clustered predictions."""
+    p = F.normalize(probs, dim=1)
+    total = probs.new_zeros(())
+    n = p.shape[0]
+    for s in range(0, n, chunk):
+        sim = p[s:s + chunk] @ p.t()
+        rows = torch.arange(s, min(s + chunk, n), device=p.device)
+        sim[torch.arange(len(rows), device=p.device), rows] = float("-inf")  # exclude self
+        q = F.softmax(sim / temperature, 1)
+        total = total + (-(q * torch.log(q + EPS)).sum(1)).sum()
+    return float(total / n)
+
+
+def label_free_scores(logits: torch.Tensor) -> dict[str, float]:
+    """Scores computable without target labels: mean entropy (lower is better), IM and SND (higher)."""
+    p = F.softmax(logits, 1)
+    ent = -(p * torch.log(p + EPS)).sum(1).mean()
+    pm = p.mean(0)
+    div = -(pm * torch.log(pm + EPS)).sum()
+    return {"entropy": float(ent), "im": float(div - ent), "snd": snd(p)}
+
+
+def evaluate(model: nn.Module, dataset, device: torch.device, label_free: bool = False,
+             batch_size: int = 512) -> dict[str, float]:
+    """{'acc': percent} (+ label-free scores) of ``model`` on ``dataset``."""
+    out = predict(model, dataset, device, batch_size)
+    res = {"acc": accuracy(out["logits"], out["labels"])}
+    if label_free:
+        res.update(label_free_scores(out["logits"]))
+    return res

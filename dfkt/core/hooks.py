@@ -1,0 +1,123 @@
+"""Context managers that record features and BatchNorm input statistics by module name.
+
+They attach forward hooks on entry and remove them on exit: the model itself is never modified.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ModelError, suggest
+from .distributed import all_reduce_sum, world_size
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def named_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Look modules up by name; an unknown name raises ModelError listing close matches."""
+    table = dict(model.named_modules())
+    out = {}
+    for n in names:
+        if n not in table:
+            raise ModelError(f"model has no module named {n!r}.{suggest(n, table)} "
+                             f"Module names are those of model.named_modules().")
+        out[n] = table[n]
+    return out
+
+
+def batchnorm_layers(model: nn.Module, method: str | None = None) -> dict[str, nn.Module]:
+    """All BatchNorm layers by name; none at all raises ModelError (BN-statistics methods need them)."""
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    if not bns:
+        who = f"method {method!r}" if method else "this method"
+        raise ModelError(f"{who} matches BatchNorm statistics, but the model "
+                         f"({type(model).__name__}) has no BatchNorm layers. Use a teacher with BatchNorm "
+                         f"(e.g. 'lenet5-bn') or a method that needs none (dafl, dfad, zskt, lopes).")
+    return bns
+
+
+class FeatureRecorder:
+    """Record the outputs (or inputs) of named modules during forward passes.
+
+    >>> with FeatureRecorder(model, ["features.3"]) as rec:
+    ...     model(x)
+    >>> rec["features.3"]
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str], detach: bool = False, inputs: bool = False):
+        self.modules = named_modules(model, list(names))
+        self.detach, self.inputs = detach, inputs
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def fn(module, inp, out):
+            t = inp[0] if self.inputs else out
+            self.features[name] = t.detach() if self.detach else t
+        return fn
+
+    def __enter__(self) -> "FeatureRecorder":
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.features:
+            raise KeyError(f"no feature recorded for {name!r}; was the model run inside the recorder?")
+        return self.features[name]
+
+    def clear(self) -> None:
+        self.features.clear()
+
+
+class BNStatsRecorder:
+    """Record, for every BatchNorm layer, the per-channel mean and (biased) variance of its input.
+
+    ``loss()`` gives DeepInversion's feature-distribution regulariser: the sum over layers of
+    ||mean - running_mean||_2 + ||var - running_var||_2. Under torchrun the statistics are those of
+    the global batch (sums are all-reduced, gradients flow).
+    """
+
+    def __init__(self, model: nn.Module, method: str | None = None, names: Iterable[str] | None = None):
+        self.layers = batchnorm_layers(model, method) if names is None else named_modules(model, names)
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def fn(module, inp, out):
+            x = inp[0]
+            dims = [0] + list(range(2, x.dim()))
+            if world_size() == 1:
+                self.stats[name] = (x.mean(dims), x.var(dims, unbiased=False))
+                return
+            n = x.numel() // x.shape[1] * world_size()
+            mean = all_reduce_sum(x.sum(dims)) / n
+            var = (all_reduce_sum((x * x).sum(dims)) / n - mean * mean).clamp_min(0)
+            self.stats[name] = (mean, var)
+        return fn
+
+    def __enter__(self) -> "BNStatsRecorder":
+        self.stats = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def loss(self, first_layer_weight: float = 1.0) -> torch.Tensor:
+        if not self.stats:
+            raise RuntimeError("no BatchNorm statistics recorded: run the model inside the recorder first")
+        terms = []
+        for i, (name, (mean, var)) in enumerate(self.stats.items()):
+            m = self.layers[name]
+            t = torch.norm(mean - m.running_mean, 2) + torch.norm(var - m.running_var, 2)
+            terms.append(t * (first_layer_weight if i == 0 else 1.0))
+        return torch.stack(terms).sum()

@@ -1,0 +1,35 @@
+"""Error types. Every message says what was wrong and how to fix it."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class DfktError(Exception):
+    """Base class of all dfkt errors."""
+
+
+class ConfigError(DfktError, ValueError):
+    """A configuration value or key is invalid."""
+
+
+class DataError(DfktError, ValueError):
+    """A data set is missing, empty or malformed."""
+
+
+class ModelError(DfktError, ValueError):
+    """A model does not fit what the method or config needs."""
+
+
+class CheckpointError(DfktError, RuntimeError):
+    """A checkpoint file is missing, truncated, foreign or incompatible."""
+
+
+class NonFiniteError(DfktError, RuntimeError):
+    """Training produced NaN/inf for too many consecutive steps."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean ...?' for a misspelled name, or an empty string."""
+    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
