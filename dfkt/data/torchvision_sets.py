@@ -26,6 +26,10 @@ _SETS: dict[str, tuple[type, int, int]] = {
     "cifar10": (tvd.CIFAR10, 10, 3),
     "cifar100": (tvd.CIFAR100, 100, 3),
 }
+_LAYOUT = {"mnist": "MNIST/raw/train-images-idx3-ubyte (and the other 3 IDX files)",
+           "fashion-mnist": "FashionMNIST/raw/train-images-idx3-ubyte (and the other 3 IDX files)",
+           "usps": "usps.bz2 and usps.t.bz2", "svhn": "train_32x32.mat / test_32x32.mat",
+           "cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/"}
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
@@ -77,7 +81,7 @@ def torchvision_dataset(name: str, root: str | os.PathLike, train: bool = True, 
                             f"internet access or copy the {key} files into that folder") from e
         raise DataError(f"{key} ({'train' if train else 'test'}) not found under {str(root)!r} ({e}); pass "
                         f"download=True on a machine with internet access, or copy the {key} files there "
-                        f"(e.g. MNIST expects {root}/MNIST/raw/train-images-idx3-ubyte)") from e
+                        f"(expected: {root / _LAYOUT[key]})") from e
     wrapped = IndexedDataset(ds)
     wrapped.num_classes = num_classes
     log.debug("%s (%s): %d samples from %s", key, "train" if train else "test", len(ds), root)
