@@ -48,6 +48,7 @@ class Result:
     config: dict = field(default_factory=dict)
     wall_s: float = 0.0
     path: Optional[Path] = None
+    synthesize: Optional[Callable[[int], torch.Tensor]] = None   # DFKD: draw n reconstructed inputs
 
     @property
     def acc(self) -> float:
@@ -75,7 +76,8 @@ def split_options(method_cls: type, options: dict, train: Any = None) -> tuple[A
 
 
 def fingerprint(method: str, opts: Any, tc: TrainConfig, extra: dict | None = None) -> str:
-    volatile = {"checkpoint_dir", "progress", "checkpoint_every", "eval_every", "num_workers", "device"}
+    volatile = {"checkpoint_dir", "progress", "checkpoint_every", "eval_every", "num_workers", "device",
+                "time_budget_s"}
     d = {"method": method, "options": to_dict(opts),
          "train": {k: v for k, v in to_dict(tc).items() if k not in volatile}, **(extra or {})}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -120,7 +122,8 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
         (out / "history.json").write_text(json.dumps({"config": cfg, "history": history.records,
                                                      "train_time_s": history.train_time_s}, indent=1, default=str))
     return Result(model=model, method=method_cls.name, history=history, metrics=metrics, config=cfg,
-                  wall_s=history.train_time_s if history.train_time_s else wall, path=path)
+                  wall_s=history.train_time_s if history.train_time_s else wall, path=path,
+                  synthesize=getattr(method, "synthesize", None))
 
 
 def _prepare(train: TrainConfig, out) -> tuple[torch.device, torch.Generator]:

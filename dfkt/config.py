@@ -139,6 +139,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# PyYAML raises plain ValueError/AttributeError/... (not YAMLError) for some malformed scalars,
+# e.g. the date '2020-13-45' or '!!int 0x'; a very deep document can hit the recursion limit.
+_YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError)
+
+
+def _yaml_problem(e: BaseException) -> str:
+    if isinstance(e, yaml.YAMLError):
+        return str(e)
+    if isinstance(e, RecursionError):
+        return "it is nested too deeply"
+    return f"a value cannot be read ({type(e).__name__}: {e})"
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a non-mapping document raises ConfigError."""
     p = Path(path)
@@ -146,9 +159,14 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(p)!r} not found; pass the path of a YAML file "
                           f"(see the examples under configs/ or benchmarks/).")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                          f"pass a YAML file.") from None
+    try:
+        data = yaml.safe_load(text)
+    except _YAML_FAILURES as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -167,8 +185,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key; write it as key=value (e.g. train.lr=0.01).")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    except _YAML_FAILURES:
+        value = raw  # not YAML: keep the text (validation then says whether a string fits there)
     return key.split("."), value
 
 

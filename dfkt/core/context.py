@@ -44,6 +44,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {v}.")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}.")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}.")
+        if not -(2 ** 63) <= self.seed < 2 ** 64:   # the range torch.manual_seed accepts
+            raise ConfigError(f"train.seed must be a 64-bit integer, got {self.seed}.")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"train.time_budget_s must be > 0 (or null for no limit), got {self.time_budget_s}.")
 
     def resolved(self, defaults: dict) -> "TrainConfig":
         """Fill ``None`` fields from a method's defaults, then from global ones."""

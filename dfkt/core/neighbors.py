@@ -90,16 +90,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, metric: str 
         raise ConfigError(f"k-means with k={k} clusters needs at least {k} points, got {x.shape[0]}.")
     if metric == "cosine":
         x = F.normalize(x, dim=1)
-    if backend == "faiss":
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    c = init.clone().to(x) if init is not None else _kmeanspp(x, k, g, metric)
+    if backend == "faiss":  # same k-means++ start as the torch path, so both converge alike
         import faiss
 
         km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=(metric == "cosine"), verbose=False)
-        init_np = init.detach().float().cpu().numpy() if init is not None else None
-        km.train(x.detach().float().cpu().numpy(), init_centroids=init_np)
+        km.train(x.detach().float().cpu().numpy(), init_centroids=c.detach().float().cpu().numpy())
         c = torch.from_numpy(km.centroids).to(x.device)
         return c, assign(x, c, metric)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    c = init.clone().to(x) if init is not None else _kmeanspp(x, k, g, metric)
     for _ in range(iters):
         a = assign(x, c, metric)
         onehot = F.one_hot(a, k).to(x.dtype)

@@ -1,0 +1,213 @@
+"""Run a suite: every (task, method, seed), with source models / teachers trained once and cached.
+
+Results are appended to ``results.json`` after every run (so a killed benchmark loses at most one
+run, and ``resume=True`` skips the runs already there), then ``report.md`` and plots are written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import api
+from ..config import to_dict
+from ..core import distributed as dist
+from ..core.checkpoint import load_model, save_model
+from ..core.device import resolve_device
+from ..core.evaluate import evaluate
+from ..data import get_domain
+from ..errors import ConfigError
+from ..models import build_model
+from .suite import DomainSpec, MethodRun, ModelRecipe, Suite, TaskSpec
+
+log = logging.getLogger("dfkt.bench")
+
+
+def env_info(device: torch.device) -> dict:
+    import numpy
+    import sklearn
+
+    import dfkt
+
+    info = {"dfkt": dfkt.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "sklearn": sklearn.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "world_size": dist.world_size()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except Exception:  # pragma: no cover - faiss is a dependency
+        pass
+    return info
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _domain(spec: DomainSpec, root: Optional[str], split: Optional[str] = None):
+    return get_domain(spec.domain, root=root, split=split or spec.split, size=spec.size,
+                      corruption=spec.corruption, severity=spec.severity, seed=spec.corruption_seed)
+
+
+def _domain_label(spec: DomainSpec) -> str:
+    name = "uci" if spec.domain in ("digits", "uci") else spec.domain
+    return f"{name}-c:{spec.corruption}@{spec.severity}" if spec.corruption else name
+
+
+def cached_supervised(recipe: ModelRecipe, domain: DomainSpec, seed: int, root: Optional[str], cache: Path,
+                      device: str, num_classes: int) -> torch.nn.Module:
+    """Train (once) and cache a model by the hash of its recipe, data and seed."""
+    key = _hash({"recipe": to_dict(recipe), "domain": to_dict(domain), "seed": seed, "v": 1})
+    path = cache / f"{recipe.model}-{_domain_label(domain)}-s{seed}-{key}.pt".replace(":", "_").replace("@", "_")
+    model = build_model(recipe.model, num_classes=num_classes, **recipe.kwargs)
+    if path.exists():
+        return load_model(path, model=model)
+    train_set = _domain(domain, root, recipe.train_split)
+    val_set = _domain(domain, root, recipe.val_split) if recipe.val_split else None
+    log.info("training %s on %s (seed %d) -> cache %s", recipe.model, _domain_label(domain), seed, path.name)
+    res = api.train_supervised(model, train_set, val_set, seed=seed, device=device, **recipe.options)
+    save_model(path, res.model, method="supervised", config={"recipe": to_dict(recipe)}, metrics=res.metrics)
+    return res.model
+
+
+def _merge(run: MethodRun, override: dict | None) -> tuple[dict, dict]:
+    opts, train = dict(run.options), dict(run.train)
+    if override:
+        unknown = set(override) - {"options", "train"}
+        if unknown:
+            raise ConfigError(f"override keys must be 'options'/'train', got {sorted(unknown)}")
+        opts.update(override.get("options", {}))
+        train.update(override.get("train", {}))
+    return opts, train
+
+
+def _selected(suite: Suite, quick: bool, methods: Optional[list[str]]) -> tuple[list[TaskSpec], list[str], int]:
+    tasks = suite.tasks
+    names = list(suite.methods)
+    seeds = suite.seeds
+    if quick:
+        names = suite.quick.methods or names[:2]
+        seeds = suite.quick.seeds
+        if suite.quick.tasks:
+            tasks = [t for t in tasks if t.name in suite.quick.tasks]
+    if methods:
+        for m in methods:
+            if m not in suite.methods:
+                raise ConfigError(f"method {m!r} is not in suite {suite.suite!r}; it has {', '.join(suite.methods)}.")
+        names = list(methods)
+    return tasks, names, seeds
+
+
+def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick: bool = False,
+              data_root: Optional[str] = None, cache_dir: Optional[str] = None, device: str = "auto",
+              methods: Optional[list[str]] = None, resume: bool = False, progress: bool = True,
+              command: str = "") -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    tasks, names, n_seeds = _selected(suite, quick, methods)
+    n_seeds = seeds or n_seeds
+    results_path = out / "results.json"
+    records: list[dict] = []
+    if resume and results_path.exists():
+        records = json.loads(results_path.read_text()).get("records", [])
+    done = {(r["task_name"], r["method"], r["seed"]) for r in records}
+    doc = {"suite": suite.suite, "command": command, "quick": quick, "env": env_info(dev), "records": records}
+    t_suite = time.perf_counter()
+    for task in tasks:
+        for seed in range(n_seeds):
+            for name in names:
+                if task.methods is not None and name not in task.methods:
+                    continue
+                if (task.name, name, seed) in done:
+                    continue
+                override = (suite.quick.overrides.get(name) if quick else None) or task.overrides.get(name)
+                rec = (_run_sfda if suite.task == "sfda" else _run_dfkd)(
+                    suite, task, name, seed, data_root, cache, device, override, progress, out)
+                rec.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev)})
+                records.append(rec)
+                log.info("%s | %s | seed %d: acc %.2f (ref %.2f) in %.1f s", task.name, name, seed, rec["acc"],
+                         rec["ref_acc"], rec["wall_s"])
+                if dist.is_main():
+                    results_path.write_text(json.dumps(doc, indent=1, default=str))
+    doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
+    if dist.is_main():
+        results_path.write_text(json.dumps(doc, indent=1, default=str))
+        from .report import write_report
+
+        write_report(doc, out)
+    return doc
+
+
+def _history_curve(history) -> list[list[float]]:
+    return [[r["time_s"], r["acc"]] for r in history.records if "acc" in r and "time_s" in r]
+
+
+def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Path, device: str,
+              override, progress: bool, out: Path) -> dict:
+    if task.source is None or task.target is None:
+        raise ConfigError(f"sfda task {task.name!r} needs `source` and `target` domains.")
+    model = cached_supervised(suite.source, task.source, seed, root, cache, device, suite.num_classes)
+    target = _domain(task.target, root)
+    dev = resolve_device(device)
+    ref = evaluate(model.to(dev), target, dev)["acc"]
+    opts, train = _merge(suite.methods[name], override)
+    train.setdefault("progress", progress)
+    res = api.adapt(model, target, method=name, seed=seed, device=device, train=train, **opts)
+    from ..sfda.selection import select_epoch
+
+    sel = select_epoch(res.history, "snd")
+    return {"task": "sfda", "method": name, "source": _domain_label(task.source),
+            "target": _domain_label(task.target), "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
+            "wall_s": round(res.wall_s, 3), "epochs": len(res.history.records),
+            "selected_acc_snd": round(float(sel.get("acc", float("nan"))), 3) if sel else None,
+            "curve": _history_curve(res.history)}
+
+
+def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Path, device: str,
+              override, progress: bool, out: Path) -> dict:
+    run = suite.methods[name]
+    teacher_key = run.teacher or next(iter(suite.teachers))
+    recipe = suite.teachers[teacher_key]
+    if task.source is None:
+        raise ConfigError(f"dfkd task {task.name!r} needs `source` (the teacher's training domain).")
+    teacher = cached_supervised(recipe, task.source, 0, root, cache, device, suite.num_classes)
+    test_spec = task.target or DomainSpec(task.source.domain, split="test", size=task.source.size)
+    test = _domain(test_spec, root)
+    dev = resolve_device(device)
+    ref = evaluate(teacher.to(dev), test, dev)["acc"]
+    student_name = run.student or suite.student
+    if not student_name:
+        raise ConfigError(f"suite {suite.suite!r}: method {name!r} has no student model.")
+    torch.manual_seed(seed)
+    student = build_model(student_name, num_classes=suite.num_classes, **run.student_kwargs)
+    opts, train = _merge(run, override)
+    train.setdefault("progress", progress)
+    res = api.distill(teacher, student, method=name, input_shape=tuple(suite.input_shape), eval_data=test,
+                      seed=seed, device=device, train=train, **opts)
+    rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,
+           "student": student_name, "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
+           "wall_s": round(res.wall_s, 3), "epochs": len(res.history.records), "curve": _history_curve(res.history)}
+    if seed == 0 and res.synthesize is not None:
+        try:
+            imgs = res.synthesize(64).detach().float().cpu()
+            grid_dir = out / "grids"
+            grid_dir.mkdir(exist_ok=True)
+            torch.save(imgs, grid_dir / f"{task.name}-{name}.pt")
+            rec["grid"] = f"grids/{task.name}-{name}.pt"
+        except Exception as e:  # a grid is a nice-to-have; never lose the record for it
+            log.warning("could not synthesize a grid for %s: %s", name, e)
+    return rec

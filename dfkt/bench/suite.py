@@ -1,0 +1,117 @@
+"""Suite files (benchmarks/<name>.yaml) validated into dataclasses.
+
+An SFDA suite trains (and caches) one source model per (source domain, seed) and adapts it to each
+target with each method; a DFKD suite trains (and caches) teachers and distils them into students.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..config import from_dict, load_yaml
+from ..errors import ConfigError, suggest
+
+
+@dataclass
+class DomainSpec:
+    """A named domain from dfkt.data.get_domain (with an optional corruption)."""
+
+    domain: str
+    split: str = "all"
+    size: int = 28
+    corruption: Optional[str] = None
+    severity: int = 3
+    corruption_seed: int = 0
+
+
+@dataclass
+class ModelRecipe:
+    """A model from the registry and the supervised recipe that trains it (cached by config hash)."""
+
+    model: str
+    kwargs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)        # train_supervised options (epochs, lr, smoothing...)
+    train_split: str = "source_train"
+    val_split: Optional[str] = "source_val"
+
+
+@dataclass
+class MethodRun:
+    """A method of the suite with its options and training settings (TrainConfig keys)."""
+
+    options: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    teacher: Optional[str] = None      # DFKD: key into `teachers`
+    student: Optional[str] = None      # DFKD: model name (default: the suite's student)
+    student_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskSpec:
+    """SFDA: source -> target. DFKD: the name of a dataset entry (the evaluation data)."""
+
+    name: str
+    source: Optional[DomainSpec] = None
+    target: Optional[DomainSpec] = None
+    overrides: dict = field(default_factory=dict)      # method -> {options: {...}, train: {...}}
+    methods: Optional[list[str]] = None                # restrict to these methods
+
+
+@dataclass
+class QuickSpec:
+    seeds: int = 1
+    methods: list[str] = field(default_factory=list)
+    tasks: Optional[list[str]] = None
+    overrides: dict = field(default_factory=dict)      # method -> {options, train} for --quick
+
+
+@dataclass
+class Suite:
+    suite: str
+    task: Literal["sfda", "dfkd"]
+    methods: dict[str, MethodRun]
+    tasks: list[TaskSpec]
+    seeds: int = 3
+    description: str = ""
+    source: Optional[ModelRecipe] = None               # SFDA source recipe
+    teachers: dict[str, ModelRecipe] = field(default_factory=dict)   # DFKD
+    student: Optional[str] = None                      # DFKD default student model name
+    input_shape: Optional[list[int]] = None            # DFKD
+    num_classes: int = 10
+    quick: QuickSpec = field(default_factory=QuickSpec)
+
+    def validate(self) -> None:
+        if self.task == "sfda" and self.source is None:
+            raise ConfigError(f"suite {self.suite!r}: an sfda suite needs a `source` recipe.")
+        if self.task == "dfkd":
+            if not self.teachers or not self.input_shape:
+                raise ConfigError(f"suite {self.suite!r}: a dfkd suite needs `teachers` and `input_shape`.")
+            for name, run in self.methods.items():
+                if run.teacher is not None and run.teacher not in self.teachers:
+                    raise ConfigError(f"suite {self.suite!r}: method {name!r} uses unknown teacher "
+                                      f"{run.teacher!r}.{suggest(run.teacher, self.teachers)}")
+        for m in self.quick.methods:
+            if m not in self.methods:
+                raise ConfigError(f"suite {self.suite!r}: quick method {m!r} is not in methods."
+                                  + suggest(m, self.methods))
+
+
+SUITE_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def find_suite(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    cand = SUITE_DIR / f"{name_or_path}.yaml"
+    if cand.is_file():
+        return cand
+    known = sorted(q.stem for q in SUITE_DIR.glob("*.yaml")) if SUITE_DIR.is_dir() else []
+    raise ConfigError(f"unknown suite {name_or_path!r}.{suggest(name_or_path, known)} "
+                      f"Suites: {', '.join(known) or 'none found in ' + str(SUITE_DIR)}; or pass a YAML path.")
+
+
+def load_suite(name_or_path: str) -> Suite:
+    path = find_suite(name_or_path)
+    return from_dict(Suite, load_yaml(path), f"suite {path.name}")

@@ -1,0 +1,220 @@
+"""Command line: ``dfkt demo | adapt | distill | train-source | train-teacher | bench | list``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, DfktError
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines that don't break progress bars (written through tqdm.write, to stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    from .core import distributed as dist
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    root = logging.getLogger("dfkt")
+    root.handlers = [h for h in root.handlers if not isinstance(h, _TqdmHandler)]
+    h = _TqdmHandler()
+    rank = int(os.environ.get("RANK", "0"))
+    h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{' [rank %d]' % rank if rank else ''} %(message)s",
+                                     "%H:%M:%S"))
+    root.addHandler(h)
+    root.setLevel(level if dist.rank() == 0 and rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+def _load(kind: str, args) -> object:
+    from .config import apply_overrides, load_yaml
+    from .runconfig import parse
+
+    return parse(kind, apply_overrides(load_yaml(args.config), args.set))
+
+
+def _train_overrides(cfg, args) -> None:
+    if getattr(args, "device", None):
+        cfg.train.device = args.device
+    if getattr(args, "no_progress", False):
+        cfg.train.progress = False
+    if getattr(args, "out", None):
+        cfg.out = args.out
+
+
+def cmd_adapt(args) -> int:
+    import dfkt
+    from .core.checkpoint import load_model
+
+    cfg = _load("adapt", args)
+    _train_overrides(cfg, args)
+    model = cfg.model.build() if cfg.model.name else None
+    if cfg.source_model:
+        model = load_model(cfg.source_model, model=model)
+    if model is None:
+        raise ConfigError("adapt config: give `source_model` (a dfkt model.pt) and/or `model`.")
+    target = cfg.target.build(args.data_root)
+    eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
+    res = dfkt.adapt(model, target, method=cfg.method, eval_data=eval_data, train=cfg.train, out=cfg.out,
+                     resume=args.resume, num_classes=cfg.model.num_classes if cfg.model.name else None, **cfg.options)
+    _print_result(res)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import dfkt
+
+    cfg = _load("distill", args)
+    _train_overrides(cfg, args)
+    teacher = cfg.teacher.build()
+    if cfg.student.name is None:
+        raise ConfigError("distill config: student needs `name` (a registry model, see `dfkt list`).")
+    if "num_classes" not in (cfg.student.kwargs or {}):
+        cfg.student.num_classes = cfg.teacher.num_classes if cfg.teacher.name else cfg.student.num_classes
+    student = cfg.student.build()
+    eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
+    res = dfkt.distill(teacher, student, method=cfg.method, input_shape=tuple(cfg.input_shape),
+                       num_classes=cfg.num_classes, eval_data=eval_data, train=cfg.train, out=cfg.out,
+                       resume=args.resume, **cfg.options)
+    _print_result(res)
+    return 0
+
+
+def cmd_train(args, source: bool) -> int:
+    import dfkt
+
+    cfg = _load("supervised", args)
+    _train_overrides(cfg, args)
+    recipe = {"smoothing": 0.1, "schedule": "poly"} if source else {"schedule": "cosine"}
+    recipe.update(cfg.options)
+    model = cfg.model.build()
+    train_set = cfg.data.build(args.data_root)
+    val_set = cfg.val.build(args.data_root) if cfg.val else None
+    res = dfkt.train_supervised(model, train_set, val_set, out=cfg.out, train=cfg.train, resume=args.resume,
+                                **recipe)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res) -> None:
+    from .core import distributed as dist
+
+    if not dist.is_main():
+        return
+    m = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}
+    print(f"method: {res.method}")
+    for k, v in m.items():
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    print(f"  train time: {res.wall_s:.1f} s")
+    if res.path:
+        print(f"  saved: {res.path}")
+
+
+def cmd_bench(args) -> int:
+    from .bench.runner import run_suite
+    from .bench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    out = args.out or f"bench-out/{suite.suite}{'-quick' if args.quick else ''}"
+    command = "dfkt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+    doc = run_suite(suite, out, seeds=args.seeds, quick=args.quick, data_root=args.data_root,
+                    cache_dir=args.cache, device=args.device or "auto",
+                    methods=args.methods.split(",") if args.methods else None, resume=args.resume,
+                    progress=not args.no_progress, command=command)
+    from .bench.report import markdown
+
+    print(markdown(doc))
+    print(f"results: {Path(out) / 'results.json'}\nreport: {Path(out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, device=args.device or "auto", progress=not args.no_progress)
+
+
+def cmd_list(args) -> int:
+    from .bench.suite import SUITE_DIR
+    from .data import list_domains
+    from .models import list_models
+    from .registry import method_table
+
+    print("methods:")
+    for r in method_table():
+        if args.task in (None, r["task"]):
+            print(f"  {r['method']:<16} {r['task']:<5} {r['summary']}")
+    print("models: " + ", ".join(list_models()))
+    print("domains: " + ", ".join(list_domains()))
+    if SUITE_DIR.is_dir():
+        print("suites: " + ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfkt", description="Data-free knowledge transfer: DFKD and SFDA.")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, config=True):
+        if config:
+            sp.add_argument("config", help="YAML config file")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+            sp.add_argument("--resume", action="store_true", help="continue from <out>/resume.pt")
+            sp.add_argument("--out", help="output folder (model.pt, history.json, resume.pt)")
+        sp.add_argument("--data-root", help="folder with the data files (default: $DFKT_DATA)")
+        sp.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    common(sub.add_parser("adapt", help="source-free domain adaptation from a config"))
+    common(sub.add_parser("distill", help="data-free distillation from a config"))
+    common(sub.add_parser("train-source", help="train a source model (SHOT's recipe: label smoothing 0.1)"))
+    common(sub.add_parser("train-teacher", help="train a teacher (cross-entropy, cosine schedule)"))
+    b = sub.add_parser("bench", help="run a benchmark suite from benchmarks/")
+    b.add_argument("suite", help="suite name (e.g. sfda-digits, dfkd-mnist) or YAML path")
+    b.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    b.add_argument("--quick", action="store_true", help="the suite's quick subset (a few minutes)")
+    b.add_argument("--out", help="output folder (default bench-out/<suite>)")
+    b.add_argument("--methods", help="comma-separated subset of methods")
+    b.add_argument("--cache", help="cache folder for source models/teachers (default <out>/cache)")
+    b.add_argument("--resume", action="store_true", help="skip runs already in <out>/results.json")
+    common(b, config=False)
+    d = sub.add_parser("demo", help="both branches on the embedded digits, in a few minutes")
+    d.add_argument("--out", help="write results.json/report.md there")
+    common(d, config=False)
+    ls = sub.add_parser("list", help="methods, models, domains and suites")
+    ls.add_argument("--task", choices=["sfda", "dfkd"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
+                "train-source": lambda a: cmd_train(a, True), "train-teacher": lambda a: cmd_train(a, False)}
+    try:
+        return handlers[args.cmd](args)
+    except DfktError as e:
+        print(f"dfkt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dfkt {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Parts shared by every DFKD method: student optimiser and schedule, the KD step, feature losses,
+the data pool and the generator-based synthesizer base class.
+
+Vocabulary: one *iteration* (one ``Batch`` from ``batches()``, one ``step()``) = the method's
+synthesis work (``g_steps`` generator steps, or pixel optimisation) followed by ``kd_steps``
+student steps. ``train.iters_per_epoch`` iterations make an epoch; the student's lr schedule spans
+``epochs * iters_per_epoch * kd_steps`` student steps. With ``pool_batches > 0`` every synthesized
+batch is added to an on-device :class:`~dfkt.distill.pool.DataPool` and the student steps draw
+random batches from the pool instead of re-using only the fresh batch.
+
+With ``train.time_budget_s`` set, ``time_schedule=True`` (the default) makes the lr schedule follow
+``max(step progress, time progress)``: the cosine reaches its floor when the budget runs out
+even when the step count was sized for a faster machine. Runs that stop on their step count are
+unaffected, but a time-limited run is then not bit-reproducible.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.hooks import FeatureRecorder, named_modules
+from ..core.losses import FEATURE_LOSSES, FitNetHint, kd_kl, logit_l1
+from ..core.method import Batch, Method, freeze
+from ..errors import ConfigError, ModelError
+from .generators import Generator, sample_z
+from .pool import DataPool
+
+FEATURE_CHOICES = ("none", "at", "sp", "pkt", "rkd", "fitnet")
+PENULTIMATE = "penultimate"
+
+
+@dataclass
+class DistillOptions:
+    """Options every DFKD method has (the student side and the transfer-loss zoo)."""
+
+    temperature: float = 1.0            # KD temperature (kd_loss='kl')
+    kd_loss: Literal["kl", "l1"] = "kl"  # 'l1': DFAD's mean absolute logit difference
+    kd_steps: int = 1                   # student steps per iteration
+    pool_batches: int = 0               # data-pool capacity in synthesized batches; 0 = train on the fresh batch
+    synth_batch: Optional[int] = None   # synthesized batch size (default: train.batch_size)
+    momentum: float = 0.9
+    schedule: Literal["cosine", "step", "none"] = "cosine"   # student lr ('step': x0.1 at 50 % and 75 %)
+    time_schedule: bool = True          # with train.time_budget_s: progress = max(steps, time) fraction
+    augment: int = 0                    # random shifts of up to this many pixels on student batches
+    feature_loss: Literal["none", "at", "sp", "pkt", "rkd", "fitnet"] = "none"
+    feature_layers: list[str] = field(default_factory=list)   # module names, 'student:teacher' if they differ;
+    #                                    'penultimate' = input of the last Linear; [] = auto
+    feature_weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.kd_steps < 1:
+            raise ConfigError(f"kd_steps must be >= 1, got {self.kd_steps}")
+        if self.pool_batches < 0:
+            raise ConfigError(f"pool_batches must be >= 0, got {self.pool_batches}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.synth_batch is not None and self.synth_batch < 1:
+            raise ConfigError(f"synth_batch must be >= 1, got {self.synth_batch}")
+
+
+@dataclass
+class GeneratorOptions(DistillOptions):
+    """A generator-based synthesizer's options."""
+
+    nz: int = 100                        # latent size
+    ngf: Optional[int] = None            # generator width (default: sized to the input, see generators.py)
+    g_out: Literal["bn", "tanh", "affine"] = "bn"
+    g_lr: float = 1e-3                   # generator Adam lr
+    g_steps: int = 1                     # generator steps per iteration
+
+    def validate(self) -> None:
+        super().validate()
+        if self.g_steps < 1:
+            raise ConfigError(f"g_steps must be >= 1, got {self.g_steps}")
+        if self.g_lr <= 0:
+            raise ConfigError(f"g_lr must be > 0, got {self.g_lr}")
+
+
+class no_param_grad:
+    """Context manager: ``module``'s parameters get no gradients (inputs still do), then restore."""
+
+    def __init__(self, *modules: nn.Module):
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, f in zip(self.params, self.flags):
+            p.requires_grad_(f)
+
+
+def last_linear(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` of ``model`` (the classifier); its input is the penultimate feature."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no nn.Linear classifier; name feature layers explicitly.")
+    return names[-1]
+
+
+def auto_attention_layers(student: nn.Module, teacher: nn.Module, input_shape: tuple) -> list[str]:
+    """Module names common to both nets: for each spatial size (> 1x1) the last module to produce it."""
+    common = [n for n, _ in teacher.named_modules() if n and n in dict(student.named_modules())]
+    per_model = []
+    for net in (teacher, student):
+        order: list[tuple[str, tuple]] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append((n, tuple(o.shape))))
+                 for n, m in named_modules(net, common).items()]
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(torch.zeros((2, *input_shape), device=next(net.parameters()).device))
+        finally:
+            net.train(was)
+            for h in hooks:
+                h.remove()
+        last: dict[tuple, str] = {}
+        for n, shape in order:
+            if len(shape) == 4 and shape[-1] > 1:
+                last[shape[-2:]] = n
+        per_model.append(last)
+    names = [n for size, n in per_model[0].items() if per_model[1].get(size) == n]
+    if not names:
+        raise ModelError("no common 4-D feature layers found for attention transfer; set feature_layers to "
+                         "module names of the student and teacher ('student_name:teacher_name').")
+    return names
+
+
+class FeatureTransfer(nn.Module):
+    """Feature-level transfer losses (AT, SP, PKT, RKD, FitNet) between named student/teacher layers."""
+
+    def __init__(self, kind: str, pairs: list[tuple[str, str]], student: nn.Module, teacher: nn.Module,
+                 input_shape: tuple):
+        super().__init__()
+        self.kind, self.pairs = kind, pairs
+        self.s_names = [s for s, _ in pairs]
+        self.t_names = [t for _, t in pairs]
+        self.s_pen = PENULTIMATE in self.s_names and last_linear(student)
+        self.t_pen = PENULTIMATE in self.t_names and last_linear(teacher)
+        named_modules(student, [n for n in self.s_names if n != PENULTIMATE])
+        named_modules(teacher, [n for n in self.t_names if n != PENULTIMATE])
+        probe = torch.zeros((2, *input_shape), device=next(student.parameters()).device)
+        fs, ft = self.record(student, probe, student=True, grad=False), self.record(teacher, probe, student=False,
+                                                                                   grad=False)
+        self.adapters = nn.ModuleList()
+        for (s, t), a, b in zip(pairs, fs, ft):
+            if kind == "at" and (a.dim() != 4 or b.dim() != 4):
+                raise ModelError(f"attention transfer needs 4-D feature maps, but {s!r}/{t!r} give "
+                                 f"{tuple(a.shape)}/{tuple(b.shape)}; choose convolutional layers.")
+            if kind == "fitnet":
+                conv = a.dim() == 4 and b.dim() == 4
+                self.adapters.append(FitNetHint(a.shape[1], b.shape[1], conv=conv))
+
+    def record(self, net: nn.Module, x: torch.Tensor, student: bool, grad: bool = True) -> list[torch.Tensor]:
+        names = self.s_names if student else self.t_names
+        pen = self.s_pen if student else self.t_pen
+        plain = [n for n in names if n != PENULTIMATE]
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        was = net.training
+        if not grad:
+            net.eval()
+        with ctx, FeatureRecorder(net, plain) as rec, FeatureRecorder(net, [pen] if pen else [], inputs=True) as prec:
+            logits = net(x)
+        net.train(was)
+        self.last_logits = logits
+        return [prec[pen] if n == PENULTIMATE else rec[n] for n in names]
+
+    def loss(self, fs: list[torch.Tensor], ft: list[torch.Tensor]) -> torch.Tensor:
+        terms = []
+        for i, (a, b) in enumerate(zip(fs, ft)):
+            if self.kind == "fitnet":
+                a = a if a.dim() == 4 and b.dim() == 4 else a.flatten(1)
+                b = b if a.dim() == 4 else b.flatten(1)
+                terms.append(self.adapters[i](a, b))
+            else:
+                terms.append(FEATURE_LOSSES[self.kind](a, b.detach()))
+        return torch.stack(terms).sum()
+
+
+def random_shift(x: torch.Tensor, max_px: int, g: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each image by up to ``max_px`` pixels (border replicated by rolling a padded copy)."""
+    if max_px <= 0:
+        return x
+    n, _, h, w = x.shape
+    pad = F.pad(x, (max_px,) * 4, mode="replicate")
+    dx, dy = (int(v) for v in torch.randint(0, 2 * max_px + 1, (2,), generator=g))
+    return pad[..., dy:dy + h, dx:dx + w]
+
+
+def balanced_labels(n: int, num_classes: int, device, g: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` labels covering the classes as evenly as possible, in random order."""
+    y = torch.arange(n) % num_classes
+    return y[torch.randperm(n, generator=g)].to(device)
+
+
+class DistillMethod(Method):
+    """Base of the DFKD methods: the student side (optimiser, schedule, KD + feature loss, pool).
+
+    Subclasses implement ``build()`` (synthesizer parts), ``synthesize_batch()`` -> (x, teacher
+    logits, terms) for one iteration's synthesis, and ``synthesize(n)`` for image grids.
+    """
+
+    Options = DistillOptions
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ctx, o, tc = self.ctx, self.opts, self.ctx.train
+        ctx.steps_per_epoch = tc.iters_per_epoch
+        self.device = ctx.device
+        self.teacher = ctx.teacher.eval()
+        freeze(self.teacher)
+        self.student = ctx.ddp(ctx.learner)
+        self.synth_bs = o.synth_batch or ctx.batch_per_rank
+        self.features: FeatureTransfer | None = None
+        if o.feature_loss != "none":
+            if o.feature_layers:
+                pairs = [tuple(n.split(":", 1)) if ":" in n else (n, n) for n in o.feature_layers]
+            elif o.feature_loss == "at":
+                names = auto_attention_layers(ctx.learner, self.teacher, ctx.input_shape)
+                pairs = [(n, n) for n in names]
+            else:
+                pairs = [(PENULTIMATE, PENULTIMATE)]
+            self.features = FeatureTransfer(o.feature_loss, pairs, ctx.learner, self.teacher,
+                                            ctx.input_shape).to(self.device)
+        params = list(ctx.learner.parameters()) + (list(self.features.parameters()) if self.features else [])
+        self.s_opt = self.track("student_opt", torch.optim.SGD(params, lr=tc.lr, momentum=o.momentum,
+                                                               weight_decay=tc.weight_decay, nesterov=o.momentum > 0))
+        self.base_lr = tc.lr
+        self.s_total = max(1, tc.epochs * tc.iters_per_epoch * o.kd_steps)
+        self.s_step = 0
+        self.t_start = None
+        self.pool = (self.track("pool", DataPool(o.pool_batches * self.synth_bs, ctx.input_shape, ctx.num_classes,
+                                                  self.device)) if o.pool_batches > 0 else None)
+        self.build()
+
+    def build(self) -> None:
+        """Subclass hook: build the synthesizer (generator, pixels, optimisers)."""
+
+    # -- schedule -----------------------------------------------------------------------------
+    def progress(self) -> float:
+        p = self.s_step / self.s_total
+        budget = self.ctx.train.time_budget_s
+        if budget and self.opts.time_schedule:
+            if self.t_start is None:
+                self.t_start = time.perf_counter()
+            p = max(p, (time.perf_counter() - self.t_start) / budget)
+        return min(p, 1.0)
+
+    def lr_factor(self, p: float) -> float:
+        if self.opts.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        if self.opts.schedule == "step":
+            return 0.01 if p >= 0.75 else 0.1 if p >= 0.5 else 1.0
+        return 1.0
+
+    # -- the student step ----------------------------------------------------------------------
+    def student_batch(self, x: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool is not None and len(self.pool) > 0:
+            x, t_logits = self.pool.sample(self.ctx.batch_per_rank, self.ctx.rng)
+        return x, t_logits
+
+    def transfer_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        if self.opts.kd_loss == "l1":
+            return logit_l1(s_logits, t_logits.detach())
+        return kd_kl(s_logits, t_logits, self.opts.temperature)
+
+    def kd_step(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One student step on ``x`` (teacher logits given, or computed); returns detached terms."""
+        ctx, o = self.ctx, self.opts
+        factor = self.lr_factor(self.progress())
+        for g in self.s_opt.param_groups:
+            g["lr"] = self.base_lr * factor
+        x = x.detach()
+        if o.augment:
+            x = random_shift(x, o.augment, ctx.rng)
+            t_logits = None           # the teacher must see the shifted images
+        terms: dict[str, torch.Tensor] = {}
+        with ctx.autocast():
+            if self.features is not None:
+                ft = self.features.record(self.teacher, x, student=False, grad=False)
+                t_logits = self.features.last_logits
+                fs = self.features.record(self.student, x, student=True)
+                s_logits = self.features.last_logits
+                feat = self.features.loss(fs, ft) * o.feature_weight
+            else:
+                if t_logits is None:
+                    with torch.no_grad():
+                        t_logits = self.teacher(x)
+                s_logits = self.student(x)
+                feat = None
+            loss = self.transfer_loss(s_logits.float(), t_logits.float())
+            terms["kd"] = loss.detach()
+            if feat is not None:
+                loss = loss + feat
+                terms["feat"] = feat.detach()
+        ctx.optimize(loss, self.s_opt, terms)
+        self.s_step += 1
+        return terms
+
+    # -- the loop's protocol -------------------------------------------------------------------
+    def batches(self):
+        self.ctx.learner.train()
+        for _ in range(self.ctx.train.iters_per_epoch):
+            yield Batch(x=torch.empty(0, device=self.device))
+
+    def synthesize_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x, t_logits, terms = self.synthesize_batch()
+        if self.pool is not None:
+            self.pool.add(x, t_logits)
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(self.opts.kd_steps):
+            xs, ts = self.student_batch(x, t_logits)
+            for k, v in self.kd_step(xs, ts).items():
+                sums[k] = sums[k] + v if k in sums else v
+        terms.update({k: v / self.opts.kd_steps for k, v in sums.items()})
+        return terms
+
+    @torch.no_grad()
+    def synthesize(self, n: int) -> torch.Tensor:
+        """``n`` synthesized images in input space (for grids), on the device."""
+        raise NotImplementedError
+
+
+class GeneratorMethod(DistillMethod):
+    """A DFKD method whose synthesizer is a generator trained against the teacher (and student)."""
+
+    Options = GeneratorOptions
+    g_out_default: str | None = None   # a subclass may force a default output layer
+
+    def build_generator(self, num_classes: int = 0) -> Generator:
+        o = self.opts
+        g = Generator(self.ctx.input_shape, nz=o.nz, ngf=o.ngf, out=o.g_out, num_classes=num_classes).to(self.device)
+        return g
+
+    def build(self) -> None:
+        self.generator = self.track("generator", self.build_generator())
+        self.g_opt = self.track("generator_opt", torch.optim.Adam(self.generator.parameters(), lr=self.opts.g_lr,
+                                                                  betas=(0.5, 0.999)))
+
+    def z(self, n: int | None = None) -> torch.Tensor:
+        return sample_z(n or self.synth_bs, self.opts.nz, self.device, self.ctx.rng)
+
+    @torch.no_grad()
+    def synthesize(self, n: int) -> torch.Tensor:
+        g = copy.deepcopy(self.generator).train()   # batch statistics, without touching the running ones
+        return torch.cat([g(self.z(min(256, n - i))) for i in range(0, n, 256)])[:n]
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Student forward for the generator's adversarial term (gradients flow to x only)."""
+        return self.student(x)
+
+    def g_optimize(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], opt=None) -> None:
+        self.ctx.optimize(loss, opt or self.g_opt, terms)
+        # gradients reaching the (frozen) student during the generator step are discarded
+        self.s_opt.zero_grad(set_to_none=True)

@@ -1,0 +1,77 @@
+"""CCL: cluster-consistency learning, dfkt's strong SFDA recipe (SHOT-style IM + propagated cluster
+pseudo-labels, learned under strong on-device augmentation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.losses import entropy, marginal_entropy
+from ..core.method import Batch
+from ..registry import register
+from .common import SFDAMethod, clustering_pseudo_labels, propagate_labels, strong_augment
+
+
+@dataclass
+class CCLOptions:
+    beta: float = 0.3            # pseudo-label CE on the clean view
+    consistency: float = 1.0     # pseudo-label CE on the strongly augmented view
+    ent_par: float = 1.0         # IM weight (clean view)
+    knn: int = 10                # label propagation graph degree (0: plain SHOT clustering labels)
+    alpha: float = 0.8           # label propagation: weight of the neighbours vs the cluster label
+    lp_iters: int = 10
+    threshold: float = 0.0       # keep pseudo-labels whose propagated confidence is >= this
+    rounds: int = 1              # SHOT clustering rounds
+    backbone_lr: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@register("ccl", task="sfda")
+class CCL(SFDAMethod):
+    """CCL (dfkt): IM + kNN-propagated SHOT cluster pseudo-labels, enforced on clean and strongly augmented views."""
+
+    Options = CCLOptions
+    defaults = {"epochs": 30, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3}
+    needs_index = True
+
+    def setup_extra(self) -> None:
+        n = len(self.ctx.target)
+        dev = self.ctx.device
+        self.pseudo = self.track("pseudo", torch.zeros(n, dtype=torch.long, device=dev))
+        self.weight = self.track("weight", torch.ones(n, device=dev))
+        self.pl_acc = None
+
+    def epoch_begin(self, epoch: int) -> None:
+        o = self.opts
+        out = self.target_outputs()
+        lab = clustering_pseudo_labels(out["features"], out["logits"], o.rounds)
+        if o.knn > 0:
+            lab, conf = propagate_labels(out["features"], lab, self.ctx.num_classes, o.knn, o.alpha, o.lp_iters)
+            self.weight.copy_((conf >= o.threshold).float())
+        self.pseudo.copy_(lab)
+        self.pl_acc = (self.pseudo == out["labels"]).float().mean()   # diagnostics only
+
+    def batches(self):
+        for b in super().batches():
+            b.targets, b.weights = self.pseudo[b.idx], self.weight[b.idx]
+            yield b
+
+    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        o = self.opts
+        b = batch.x.shape[0]
+        xs = strong_augment(batch.x, self.ctx.rng)
+        with self.ctx.autocast():
+            logits = self.net(torch.cat([batch.x, xs], 0)).float()
+        lc, ls = logits[:b], logits[b:]
+        ent, div = entropy(lc), marginal_entropy(lc)
+        w = batch.weights
+        ce = (F.cross_entropy(lc, batch.targets, reduction="none") * w).sum() / w.sum().clamp_min(1)
+        cs = (F.cross_entropy(ls, batch.targets, reduction="none") * w).sum() / w.sum().clamp_min(1)
+        loss = o.ent_par * (ent - div) + o.beta * ce + o.consistency * cs
+        terms = {"ent": ent.detach(), "div": div.detach(), "ce": ce.detach(), "ce_strong": cs.detach(),
+                 "loss": loss.detach()}
+        self.ctx.optimize(loss, self.optimizer, terms)
+        self.step_schedule()
+        return terms

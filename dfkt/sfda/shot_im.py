@@ -1,0 +1,27 @@
+"""SHOT-IM: SHOT's information maximisation alone (no pseudo-labels)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import register
+from .shot import Shot
+
+
+@dataclass
+class ShotIMOptions:
+    ent_par: float = 1.0
+    gent: bool = True
+    backbone_lr: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@register("shot-im", task="sfda")
+class ShotIM(Shot):
+    """SHOT-IM (Liang et al., ICML 2020): entropy minimisation + diversity, head frozen."""
+
+    Options = ShotIMOptions
+    needs_index = False
+
+    def epoch_begin(self, epoch: int) -> None:
+        pass
