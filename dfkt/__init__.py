@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 
+# Load the method packages first: `dfkt.distill` must end up naming the function, not the subpackage.
+from . import distill as _distill_methods  # noqa: F401  (registers the DFKD methods)
+from . import sfda as _sfda_methods  # noqa: F401  (registers the SFDA methods)
 from .api import Result, adapt, distill, load, train_supervised
 from .core.context import TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, DfktError, ModelError, NonFiniteError

@@ -24,6 +24,7 @@ from .core.context import Context, TrainConfig
 from .core.device import resolve_device, seed_everything
 from .core.evaluate import evaluate
 from .core.hooks import batchnorm_layers
+from .core.loader import dataset_len
 from .core.loop import History, fit
 from .core.method import Method
 from .core.supervised import Supervised, SupervisedOptions
@@ -83,7 +84,14 @@ def fingerprint(method: str, opts: Any, tc: TrainConfig, extra: dict | None = No
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _tensor_pair(dataset) -> bool:
+    """In-memory (images, labels) tensors: the loaders add the sample index themselves."""
+    t = getattr(dataset, "tensors", None)
+    return isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(v, torch.Tensor) for v in t)
+
+
 def _sample_shape(dataset) -> tuple:
+    dataset_len(dataset)
     try:
         item = dataset[0]
     except IndexError:
@@ -93,7 +101,8 @@ def _sample_shape(dataset) -> tuple:
 
 
 def _check_indexed(dataset, method_cls: type) -> None:
-    if hasattr(dataset, "tensors"):
+    dataset_len(dataset)   # empty / no length -> DataError before dataset[0]
+    if _tensor_pair(dataset):
         return
     item = dataset[0]
     if not (isinstance(item, (tuple, list)) and len(item) == 3):
@@ -213,6 +222,19 @@ def distill(teacher: nn.Module, student: nn.Module, method: str = "dafl", *, inp
     return _run(cls, ctx, opts, eval_fn, out, resume, {"input_shape": list(input_shape)})
 
 
+class _BestEpoch(dict):
+    """The best validation accuracy so far and the weights that reached it (saved for resume)."""
+
+    def __init__(self):
+        super().__init__(acc=-1.0, state=None)
+
+    def state_dict(self) -> dict:
+        return {"acc": float(self["acc"]), "state": self["state"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self["acc"], self["state"] = float(state["acc"]), state["state"]
+
+
 def train_supervised(model: nn.Module, train_set, val_set=None, *, out: str | Path | None = None,
                      train: TrainConfig | dict | None = None, resume: bool = False, select_best: bool = True,
                      **options: Any) -> Result:
@@ -233,7 +255,7 @@ def train_supervised(model: nn.Module, train_set, val_set=None, *, out: str | Pa
     check_input(learner, _sample_shape(train_set))
     ctx = Context(learner=learner, teacher=None, train=tc, device=device, num_classes=n_cls,
                   input_shape=_sample_shape(train_set), rng=rng)
-    best = {"acc": -1.0, "state": None}
+    best = _BestEpoch()
 
     def eval_fn(m: nn.Module) -> dict:
         res = evaluate(m, val_set, device) if val_set is not None else {}
@@ -243,6 +265,7 @@ def train_supervised(model: nn.Module, train_set, val_set=None, *, out: str | Pa
         return {"val_acc": res["acc"]} if res else {}
 
     method = Supervised(ctx, opts, train_set)
+    method.track("best_epoch", best)     # in resume checkpoints: a resumed run selects among all epochs
     res = _run(Supervised, ctx, opts, eval_fn if val_set is not None else None, None, resume,
                {"train_set": getattr(train_set, "name", "?")}, make_method=lambda: method)
     if best["state"] is not None:

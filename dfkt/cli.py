@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, DfktError
+from .registry import get_method
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -46,20 +47,26 @@ def _load(kind: str, args) -> object:
 
 
 def _train_overrides(cfg, args) -> None:
+    from .core.device import seed_everything
+
     if getattr(args, "device", None):
         cfg.train.device = args.device
     if getattr(args, "no_progress", False):
         cfg.train.progress = False
     if getattr(args, "out", None):
         cfg.out = args.out
+    # models are built (randomly initialised) before the run seeds itself: seed here too, so that
+    # train.seed decides the initial weights and a run does not depend on what ran before it
+    seed_everything(cfg.train.seed)
 
 
 def cmd_adapt(args) -> int:
-    import dfkt
+    from . import api as dfkt     # not ``import dfkt``: the subpackage dfkt.distill can shadow dfkt.distill()
     from .core.checkpoint import load_model
 
     cfg = _load("adapt", args)
     _train_overrides(cfg, args)
+    get_method(cfg.method, task="sfda")  # fail fast, before any loading
     model = cfg.model.build() if cfg.model.name else None
     if cfg.source_model:
         model = load_model(cfg.source_model, model=model)
@@ -74,10 +81,11 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    import dfkt
+    from . import api as dfkt
 
     cfg = _load("distill", args)
     _train_overrides(cfg, args)
+    get_method(cfg.method, task="dfkd")
     teacher = cfg.teacher.build()
     if cfg.student.name is None:
         raise ConfigError("distill config: student needs `name` (a registry model, see `dfkt list`).")
@@ -93,7 +101,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train(args, source: bool) -> int:
-    import dfkt
+    from . import api as dfkt
 
     cfg = _load("supervised", args)
     _train_overrides(cfg, args)
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data-root", help="folder with the data files (default: $DFKT_DATA)")
         sp.add_argument("--device", help="auto | cpu | cuda | cuda:N")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
 
     common(sub.add_parser("adapt", help="source-free domain adaptation from a config"))
     common(sub.add_parser("distill", help="data-free distillation from a config"))
@@ -198,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(d, config=False)
     ls = sub.add_parser("list", help="methods, models, domains and suites")
     ls.add_argument("--task", choices=["sfda", "dfkd"])
+    common(ls, config=False)
     return p
 
 

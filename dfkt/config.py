@@ -6,6 +6,7 @@ the expected type and, for misspellings, the closest valid keys.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is _NONE:
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -37,6 +40,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and _NONE in args:
             return None
+        non_none = [a for a in args if a is not _NONE]
+        if len(non_none) == 1:      # Optional[X]: X's own, more specific message
+            return _coerce(value, non_none[0], where)
         errors = []
         for arg in args:
             if arg is _NONE:
@@ -124,7 +130,10 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        if inspect.signature(validate).parameters:
+            validate(where)        # validators that name where they sit (e.g. "adapt config.target")
+        else:
+            validate()
     return obj
 
 

@@ -34,6 +34,12 @@ def _load_all() -> None:
         importlib.import_module("dfkt.sfda")
         importlib.import_module("dfkt.distill")
         _LOADED = True
+        # Importing the subpackage dfkt.distill sets the attribute ``dfkt.distill`` to that module,
+        # hiding the function dfkt.distill(); bind the API function again.
+        import dfkt
+        from . import api
+
+        dfkt.distill = api.distill
 
 
 def get_method(name: str, task: str | None = None) -> type:

@@ -86,10 +86,10 @@ class DataRef:
     resize: int = 256            # image lists/folders: Resize((resize, resize)) then crop
     crop: int = 224
 
-    def validate(self) -> None:
+    def validate(self, where: str = "data") -> None:
         given = [k for k in ("domain", "image_list", "image_folder", "torchvision") if getattr(self, k)]
         if len(given) != 1:
-            raise ConfigError(f"data: give exactly one of domain, image_list, image_folder, torchvision "
+            raise ConfigError(f"{where}: give exactly one of domain, image_list, image_folder, torchvision "
                               f"(got {', '.join(given) or 'none'}).")
 
     def build(self, data_root: str | None = None):

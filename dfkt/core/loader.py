@@ -96,7 +96,7 @@ def make_loader(dataset: Dataset, batch_size: int, device: torch.device, shuffle
         raise DataError(f"batch_size {batch_size} is larger than the data set ({per_rank} samples per process) "
                         f"with drop_last=True, so no batch would ever be produced; use batch_size <= {per_rank}.")
     tensors = getattr(dataset, "tensors", None)
-    if tensors is not None:
+    if isinstance(tensors, (tuple, list)) and len(tensors) == 2 and all(torch.is_tensor(t) for t in tensors):
         images, labels = tensors
         return TensorLoader(images, labels, batch_size, shuffle, drop_last, device, generator, shard)
     sampler = None

@@ -100,6 +100,26 @@ class no_param_grad:
             p.requires_grad_(f)
 
 
+def manual_guard(ctx, finite: torch.Tensor, loss: torch.Tensor, terms: dict) -> bool:
+    """The NaN/inf guard for updates made by hand (not through an optimizer): count, log, stop."""
+    import logging
+
+    from ..errors import NonFiniteError
+    g = ctx.guard
+    if bool(finite):
+        g.bad_in_a_row = 0
+        return True
+    g.skipped += 1
+    g.bad_in_a_row += 1
+    logging.getLogger("dfkt").warning("step %d: non-finite synthesis loss %s: update skipped (%d in a row)",
+                                      ctx.step, float(loss.detach()), g.bad_in_a_row)
+    if g.bad_in_a_row >= g.max_bad:
+        raise NonFiniteError(f"{g.bad_in_a_row} consecutive non-finite synthesis steps at step {ctx.step} "
+                             f"(terms: { {k: float(v) for k, v in terms.items()} }). Lower the synthesis lr "
+                             f"or raise train.max_bad_steps.")
+    return False
+
+
 def last_linear(model: nn.Module) -> str:
     """Name of the last ``nn.Linear`` of ``model`` (the classifier); its input is the penultimate feature."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -367,3 +387,103 @@ class GeneratorMethod(DistillMethod):
         self.ctx.optimize(loss, opt or self.g_opt, terms)
         # gradients reaching the (frozen) student during the generator step are discarded
         self.s_opt.zero_grad(set_to_none=True)
+
+
+# ----- BatchNorm-statistics synthesis (DeepInversion, DFQ, CMI, Fast) -----------------------------
+class eval_mode:
+    """Context manager: ``module`` in eval mode (BN running statistics untouched), then restored."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was = self.module.training
+        self.module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        self.module.train(self.was)
+
+
+def adversarial_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, agree_only: bool = True) -> torch.Tensor:
+    """Negative per-sample KL(t || s), counted where student and teacher agree (CMI/Fast's ``adv``).
+
+    Minimising it moves samples to where the student disagrees with the teacher, but stops pushing
+    a sample once the two predictions differ (so samples stay near the decision boundary).
+    """
+    kl = (F.softmax(t_logits, 1) * (F.log_softmax(t_logits, 1) - F.log_softmax(s_logits, 1))).sum(1)
+    if agree_only:
+        kl = kl * (s_logits.argmax(1) == t_logits.argmax(1)).float()
+    return -kl.mean()
+
+
+@dataclass
+class BNSynthOptions(GeneratorOptions):
+    """BatchNorm-statistics synthesis: the teacher's BN running statistics as a prior on the inputs."""
+
+    g_out: Literal["bn", "tanh", "affine"] = "affine"
+    bn: float = 1.0            # BN-statistics loss weight
+    bn_first: float = 1.0      # extra factor on the first BN layer (DeepInversion)
+    bn_mmt: float = 0.0        # Fast: momentum over the synthetic batch statistics (0 = this batch only)
+    oh: float = 1.0            # CE of the teacher against the sampled target labels
+    adv: float = 1.0           # adversarial term (see adversarial_kl)
+    balance: float = 0.0       # DAFL's class-balance term
+    temperature: float = 20.0  # KD temperature (CMI/Fast use T=20)
+
+
+class BNObjective:
+    """Teacher BN-statistics + one-hot + adversarial objective on synthesized inputs."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, opts, method: str):
+        from ..core.hooks import BNStatsRecorder
+        self.teacher, self.student, self.opts = teacher, student, opts
+        self.recorder = BNStatsRecorder(teacher, method=method)
+        self.running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bn_loss(self) -> torch.Tensor:
+        o, rec = self.opts, self.recorder
+        if o.bn_mmt <= 0:
+            return rec.loss(o.bn_first)
+        terms = []
+        for i, (name, (mean, var)) in enumerate(rec.stats.items()):
+            if name in self.running:
+                pm, pv = self.running[name]
+                mean, var = o.bn_mmt * pm + (1 - o.bn_mmt) * mean, o.bn_mmt * pv + (1 - o.bn_mmt) * var
+            m = rec.layers[name]
+            t = torch.norm(mean - m.running_mean, 2) + torch.norm(var - m.running_var, 2)
+            terms.append(t * (o.bn_first if i == 0 else 1.0))
+        self.pending = {n: (m.detach(), v.detach()) for n, (m, v) in rec.stats.items()}
+        return torch.stack(terms).sum()
+
+    def commit(self) -> None:
+        """Fast: fold this batch's statistics into the running synthetic statistics."""
+        o = self.opts
+        if o.bn_mmt > 0 and getattr(self, "pending", None):
+            for n, (m, v) in self.pending.items():
+                if n in self.running:
+                    pm, pv = self.running[n]
+                    m, v = o.bn_mmt * pm + (1 - o.bn_mmt) * m, o.bn_mmt * pv + (1 - o.bn_mmt) * v
+                self.running[n] = (m, v)
+            self.pending = {}
+
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor | None,
+                 student_net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from ..core.losses import class_balance
+        o = self.opts
+        with self.recorder:
+            t_logits = self.teacher(x)
+        t_logits = t_logits.float()
+        bn = self.bn_loss()
+        oh = F.cross_entropy(t_logits, targets if targets is not None else t_logits.argmax(1))
+        loss = o.bn * bn + o.oh * oh
+        terms = {"bn": bn.detach(), "oh": oh.detach()}
+        if o.adv > 0 and student_net is not None:
+            with eval_mode(self.student), no_param_grad(self.student):
+                adv = adversarial_kl(student_net(x).float(), t_logits)
+            loss = loss + o.adv * adv
+            terms["adv"] = adv.detach()
+        if o.balance > 0:
+            bal = class_balance(t_logits)
+            loss = loss + o.balance * bal
+            terms["balance"] = bal.detach()
+        return loss, t_logits, terms

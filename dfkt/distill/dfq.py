@@ -1,0 +1,51 @@
+"""DFQ (Choi et al., "Data-Free Network Quantization With Adversarial Knowledge Distillation",
+CVPRW 2020), in the form of the CMI code base's ``dfq`` baseline.
+
+A generator is trained with the teacher's BatchNorm statistics as a prior, a one-hot loss against
+sampled labels and an adversarial teacher/student disagreement term; the student is distilled
+(KL, temperature) on fresh generator batches, ``kd_steps`` per generator step. Needs a teacher
+with BatchNorm layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .common import BNObjective, BNSynthOptions, GeneratorMethod, balanced_labels
+
+
+@dataclass
+class DFQOptions(BNSynthOptions):
+    kd_steps: int = 5
+
+
+@register("dfq", task="dfkd")
+class DFQ(GeneratorMethod):
+    """DFQ (Choi et al., 2020): generator with BN-statistics, one-hot and adversarial losses; KD on its samples."""
+
+    Options = DFQOptions
+    needs_teacher_bn = True
+    defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
+
+    def build(self) -> None:
+        super().build()
+        self.objective = BNObjective(self.teacher, self.ctx.learner, self.opts, self.name)
+
+    def synthesize_batch(self):
+        self.generator.train()
+        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
+        for _ in range(self.opts.g_steps):
+            x = self.generator(self.z())
+            with self.ctx.autocast():
+                loss, t_logits, terms = self.objective(x, y, self.student)
+            self.g_optimize(loss, terms)
+        return x.detach(), t_logits.detach(), terms
+
+    def student_batch(self, x, t_logits):
+        if self.pool is not None:
+            return super().student_batch(x, t_logits)
+        with torch.no_grad():                      # a fresh generator batch per student step
+            x = self.generator(self.z())
+            return x, self.teacher(x)

@@ -1,0 +1,165 @@
+"""Lopes et al., "Data-Free Knowledge Distillation for Deep Neural Networks" (NIPS-W 2017).
+
+The teacher's owner records *metadata* once, on the real training data: per class, the mean and
+standard deviation of the teacher's activations at chosen layers (the paper's "top-layer
+activation statistics"). The data set itself is then not needed: inputs are reconstructed by
+optimising random images until the teacher's activations match a sample drawn from the recorded
+per-class Gaussians, and the student is distilled on them::
+
+    meta = record_metadata(teacher, train_loader)          # once, where the data lives
+    torch.save(meta, "teacher_meta.pt")
+    dfkt.distill(teacher, student, method="lopes", metadata="teacher_meta.pt", input_shape=(1, 32, 32))
+
+``train_loader`` yields ``(x, y, ...)`` batches (or ``(x, y)``); layers default to
+``['penultimate']`` (the input of the teacher's last Linear); any module name can be added.
+Activations are flattened; a layer whose recorded values are all >= 0 (after a ReLU) is
+matched with its sampled targets clamped at 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.hooks import FeatureRecorder
+from ..core.losses import total_variation
+from ..errors import ConfigError
+from ..registry import register
+from .common import PENULTIMATE, DistillMethod, DistillOptions, balanced_labels, last_linear
+
+METADATA_FORMAT = "dfkt-lopes-metadata"
+
+
+def _record(model: nn.Module, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    plain = [n for n in layers if n != PENULTIMATE]
+    pen = [last_linear(model)] if PENULTIMATE in layers else []
+    with FeatureRecorder(model, plain) as rec, FeatureRecorder(model, pen, inputs=True) as prec:
+        logits = model(x)
+    return logits, [(prec[pen[0]] if n == PENULTIMATE else rec[n]).flatten(1) for n in layers]
+
+
+@torch.no_grad()
+def record_metadata(teacher: nn.Module, loader: Iterable, layers: list[str] | None = None,
+                    num_classes: int | None = None, device: str | torch.device | None = None) -> dict:
+    """Per-class mean/std of ``teacher``'s activations at ``layers`` over ``loader`` (real, labelled data).
+
+    Returns a plain dict (save it with ``torch.save``) for ``method='lopes'``'s ``metadata`` option.
+    """
+    layers = list(layers or [PENULTIMATE])
+    p = next(teacher.parameters())
+    device = torch.device(device) if device is not None else p.device
+    was = teacher.training
+    teacher.eval()
+    sums: list[torch.Tensor] = []
+    sqs: list[torch.Tensor] = []
+    mins: list[torch.Tensor] = []
+    counts = None
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1].to(device)
+        logits, feats = _record(teacher, x, layers)
+        k = num_classes or logits.shape[1]
+        if counts is None:
+            counts = torch.zeros(k, device=device)
+            sums = [torch.zeros(k, f.shape[1], device=device) for f in feats]
+            sqs = [torch.zeros(k, f.shape[1], device=device) for f in feats]
+            mins = [f.min() for f in feats]
+        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
+        for i, f in enumerate(feats):
+            f = f.float()
+            sums[i].index_add_(0, y, f)
+            sqs[i].index_add_(0, y, f * f)
+            mins[i] = torch.minimum(mins[i], f.min())
+    teacher.train(was)
+    if counts is None:
+        raise ConfigError("record_metadata: the loader yielded no batches")
+    c = counts.clamp_min(1).unsqueeze(1)
+    means = [s / c for s in sums]
+    stds = [(q / c - m * m).clamp_min(0).sqrt() for q, m in zip(sqs, means)]
+    return {"format": METADATA_FORMAT, "layers": layers, "counts": counts.cpu(),
+            "mean": [m.cpu() for m in means], "std": [s.cpu() for s in stds],
+            "nonneg": [bool(m >= 0) for m in mins]}
+
+
+def load_metadata(meta: Any) -> dict:
+    if meta is None:
+        raise ConfigError("method 'lopes' needs the teacher's activation metadata: metadata="
+                          "dfkt.distill.lopes.record_metadata(teacher, loader) (or a path to it saved with torch.save).")
+    if isinstance(meta, (str, Path)):
+        if not Path(meta).is_file():
+            raise ConfigError(f"lopes metadata file {str(meta)!r} does not exist; create it with "
+                              f"dfkt.distill.lopes.record_metadata(teacher, loader) and torch.save.")
+        meta = torch.load(meta, map_location="cpu", weights_only=False)
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise ConfigError("lopes metadata is not a record_metadata() result.")
+    return meta
+
+
+@dataclass
+class LopesOptions(DistillOptions):
+    metadata: Any = None          # record_metadata() dict, or a path to one saved with torch.save
+    inv_steps: int = 30
+    inv_lr: float = 0.1
+    tv: float = 1e-3
+    ce: float = 0.0               # optional CE to the sampled class (not in the paper)
+    init_std: float = 1.0
+    pool_batches: int = 20
+    kd_steps: int = 5
+    temperature: float = 4.0
+
+
+@register("lopes", task="dfkd")
+class Lopes(DistillMethod):
+    """Lopes et al. (2017): reconstruct inputs from recorded per-class activation statistics of the teacher."""
+
+    Options = LopesOptions
+    defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
+
+    def build(self) -> None:
+        meta = load_metadata(self.opts.metadata)
+        self.layers = list(meta["layers"])
+        self.mean = [m.to(self.device) for m in meta["mean"]]
+        self.std = [s.to(self.device) for s in meta["std"]]
+        self.nonneg = list(meta["nonneg"])
+        counts = meta["counts"]
+        if counts.numel() != self.ctx.num_classes:
+            raise ConfigError(f"lopes metadata has {counts.numel()} classes but the teacher has "
+                              f"{self.ctx.num_classes}; record it with this teacher.")
+        self.present = torch.nonzero(counts > 0).flatten().to(self.device)
+
+    def synthesize_batch(self):
+        o, ctx = self.opts, self.ctx
+        y = self.present[balanced_labels(self.synth_bs, len(self.present), self.device, ctx.rng)]
+        targets = []
+        for m, s, nn_ in zip(self.mean, self.std, self.nonneg):
+            a = m[y] + s[y] * torch.randn(m[y].shape, generator=ctx.rng).to(self.device)
+            targets.append(a.clamp_min(0) if nn_ else a)
+        x = (torch.randn((self.synth_bs, *ctx.input_shape), generator=ctx.rng) * o.init_std).to(self.device)
+        x.requires_grad_()
+        opt = torch.optim.Adam([x], lr=o.inv_lr, betas=(0.5, 0.99))
+        for _ in range(o.inv_steps):
+            with ctx.autocast():
+                logits, feats = _record(self.teacher, x, self.layers)
+                match = torch.stack([F.mse_loss(f.float(), t) / t.pow(2).mean().clamp_min(1e-6)
+                                     for f, t in zip(feats, targets)]).sum()
+                loss = match + o.tv * total_variation(x)
+                terms = {"match": match.detach()}
+                if o.ce:
+                    ce = F.cross_entropy(logits.float(), y)
+                    loss = loss + o.ce * ce
+                    terms["ce"] = ce.detach()
+            ctx.optimize(loss, opt, terms)
+        x = x.detach()
+        with torch.no_grad():
+            t = self.teacher(x).float()
+        return x, t, terms
+
+    @torch.no_grad()
+    def synthesize(self, n: int) -> torch.Tensor:
+        if self.pool is not None and len(self.pool):
+            return self.pool.all()[0][:n].clone()
+        with torch.enable_grad():
+            return torch.cat([self.synthesize_batch()[0] for _ in range(-(-n // self.synth_bs))])[:n]

@@ -1,0 +1,82 @@
+"""`dfkt bench` writes a valid results.json, report.md and plots; the CLI front-ends work."""
+import json
+
+import pytest
+import yaml
+
+from dfkt.cli import main
+
+SFDA_SUITE = {
+    "suite": "tiny-sfda", "task": "sfda", "seeds": 1,
+    "source": {"model": "shot-lenet", "options": {"epochs": 3, "smoothing": 0.1}},
+    "methods": {"source-only": {}, "tent": {"train": {"epochs": 1}}},
+    "tasks": [{"name": "uci→uci-c", "source": {"domain": "digits"},
+               "target": {"domain": "digits", "corruption": "gaussian_blur", "severity": 5}}],
+    "quick": {"seeds": 1, "methods": ["source-only"]},
+}
+DFKD_SUITE = {
+    "suite": "tiny-dfkd", "task": "dfkd", "seeds": 1, "student": "lenet5-half", "input_shape": [1, 32, 32],
+    "teachers": {"lenet5": {"model": "lenet5", "options": {"epochs": 3, "schedule": "cosine", "lr": 0.05},
+                            "train_split": "train", "val_split": None}},
+    "methods": {"dafl": {"teacher": "lenet5", "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}}},
+    "tasks": [{"name": "uci32", "source": {"domain": "digits", "size": 32, "split": "train"},
+               "target": {"domain": "digits", "size": 32, "split": "test"}}],
+}
+REQUIRED = {"sfda": {"task", "method", "source", "target", "seed", "acc", "ref_acc", "wall_s", "device"},
+            "dfkd": {"task", "method", "dataset", "teacher", "student", "seed", "acc", "ref_acc", "wall_s", "device"}}
+
+
+@pytest.mark.parametrize("suite", [SFDA_SUITE, DFKD_SUITE], ids=["sfda", "dfkd"])
+def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, allow_unicode=True))
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["suite"] == suite["suite"] and {"torch", "device", "python"} <= set(doc["env"])
+    assert len(doc["records"]) == len(suite["methods"])
+    for r in doc["records"]:
+        assert REQUIRED[suite["task"]] <= set(r), set(REQUIRED[suite["task"]]) - set(r)
+        assert 0 <= r["acc"] <= 100 and 0 <= r["ref_acc"] <= 100 and r["wall_s"] >= 0
+    report = (out / "report.md").read_text()
+    for m in suite["methods"]:
+        assert f"| {m} |" in report
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_time.png").exists()
+    # source models / teachers are cached by config hash and reused
+    assert any((out / "cache").iterdir())
+    if suite["task"] == "sfda":
+        so = next(r for r in doc["records"] if r["method"] == "source-only")
+        assert so["acc"] == pytest.approx(so["ref_acc"], abs=1e-6)
+    # --resume skips the runs already recorded
+    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q", "--resume"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["records"]) == len(suite["methods"])
+
+
+def test_bench_quick_and_unknown_suite(tmp_path, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SFDA_SUITE, allow_unicode=True))
+    assert main(["bench", str(path), "--quick", "--out", str(tmp_path / "q"), "--no-progress", "-q"]) == 0
+    doc = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert [r["method"] for r in doc["records"]] == ["source-only"] and doc["quick"] is True
+    assert main(["bench", "sfda-digit", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+
+def test_shipped_suites_are_valid():
+    from dfkt.bench.suite import load_suite
+
+    for name in ("sfda-digits", "dfkd-mnist"):
+        s = load_suite(name)
+        assert s.seeds == 3 and s.methods and s.quick.methods
+
+
+def test_cli_list_and_unknown_config_key(tmp_path, capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "shot" in out and "dafl" in out and "lenet5" in out
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: shot\ntarget: {domain: digits}\ntrian: {epochs: 1}\n")
+    assert main(["adapt", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'trian'" in err and "Did you mean 'train'" in err

@@ -1,0 +1,278 @@
+"""DFKD branch: every method end to end on the embedded digits, a learning floor, loss trends,
+the data pool, feature losses, CIFAR configs/nets, and the error paths."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import dfkt
+from dfkt.api import split_options
+from dfkt.core.context import Context, TrainConfig
+from dfkt.core.loop import fit
+from dfkt.data import get_domain
+from dfkt.distill import DataPool, Generator
+from dfkt.distill.lopes import record_metadata
+from dfkt.errors import ConfigError, ModelError, NonFiniteError
+from dfkt.models import build_model
+from dfkt.registry import get_method, list_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["dafl", "dfad", "rdskd", "zskt", "deepinversion", "dfq", "cmi", "fast", "lopes"]
+BN_METHODS = {"deepinversion", "dfq", "cmi", "fast"}
+# one tiny iteration per method (synthesis sizes cut down so the whole file stays fast)
+TINY = {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16, "progress": False}
+TINY_OPTS = {"deepinversion": {"inv_steps": 2}, "cmi": {"g_steps": 2, "bank_size": 64}, "fast": {"g_steps": 1},
+             "lopes": {"inv_steps": 2}, "zskt": {"kd_steps": 2}, "dfad": {"kd_steps": 2}, "dfq": {"kd_steps": 2}}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def digits():
+    return get_domain("digits", split="train", size=32), get_domain("digits", split="test", size=32)
+
+
+@pytest.fixture(scope="session")
+def teachers(digits):
+    """LeNet-5 and LeNet-5-BN teachers trained for a few epochs on the digits."""
+    train, test = digits
+    out = {}
+    for name in ("lenet5", "lenet5-bn"):
+        torch.manual_seed(0)
+        res = dfkt.train_supervised(build_model(name), train, None, epochs=8, lr=0.05, batch_size=64,
+                                    schedule="cosine", progress=False)
+        out[name] = res.model.eval()
+        acc = dfkt.core.evaluate.evaluate(res.model, test, torch.device("cpu"))["acc"]
+        assert acc > 85, f"{name} teacher only reached {acc:.1f}% on the digits"
+        out[name].acc = acc
+    return out
+
+
+@pytest.fixture(scope="session")
+def metadata(teachers, digits):
+    loader = torch.utils.data.DataLoader(digits[0], batch_size=256)
+    return record_metadata(teachers["lenet5"], loader)
+
+
+def _teacher_for(method, teachers):
+    return teachers["lenet5-bn" if method in BN_METHODS else "lenet5"]
+
+
+def _extra(method, metadata):
+    return {"metadata": metadata} if method == "lopes" else {}
+
+
+def make_method(teacher, student, method, input_shape, **options):
+    """Build a method object exactly as dfkt.distill does (to call synthesize / inspect it)."""
+    cls = get_method(method, task="dfkd")
+    opts, tc = split_options(cls, options)
+    ctx = Context(learner=student, teacher=teacher.eval(), train=tc, device=torch.device("cpu"),
+                  num_classes=10, input_shape=input_shape, rng=torch.Generator().manual_seed(tc.seed))
+    return cls(ctx, opts)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_all_methods_registered():
+    assert set(METHODS) <= set(list_methods("dfkd"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_end_to_end(method, teachers, digits, metadata):
+    res = dfkt.distill(_teacher_for(method, teachers), build_model("lenet5-half"), method=method,
+                       input_shape=(1, 32, 32), num_classes=10, eval_data=digits[1], **TINY,
+                       **TINY_OPTS.get(method, {}), **_extra(method, metadata))
+    assert 0 <= res.acc <= 100 and res.history.records
+    rec = res.history.last
+    assert "kd" in rec and torch.isfinite(torch.tensor(rec["kd"]))
+    imgs = res.synthesize(5)
+    assert imgs.shape == (5, 1, 32, 32) and torch.isfinite(imgs).all()
+
+
+def test_best_method_reaches_floor(teachers, digits):
+    """The recommended recipe (DeepInversion on a persistent pixel pool, BN teacher) learns in seconds."""
+    t = teachers["lenet5-bn"]
+    res = dfkt.distill(t, build_model("lenet5-half"), method="deepinversion", input_shape=(1, 32, 32),
+                       eval_data=digits[1], epochs=4, iters_per_epoch=25, batch_size=64, pixels=512,
+                       inv_steps=2, kd_steps=2, progress=False, seed=0)
+    assert res.acc >= 70.0, f"student {res.acc:.1f}% (teacher {t.acc:.1f}%)"
+
+
+def test_losses_decrease(teachers, digits):
+    """DAFL's generator drives the teacher's one-hot loss down; DFAD's student drives the L1 gap down."""
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                       epochs=3, iters_per_epoch=15, batch_size=32, g_lr=0.01, progress=False)
+    r = res.history.records
+    assert r[-1]["oh"] < r[0]["oh"] and r[-1]["ie"] <= r[0]["ie"] + 0.05
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dfad", input_shape=(1, 32, 32),
+                       epochs=3, iters_per_epoch=10, batch_size=32, kd_steps=3, progress=False)
+    r = res.history.records
+    assert r[-1]["kd"] < r[0]["kd"]
+
+
+def test_deepinversion_bn_loss_decreases(teachers):
+    m = make_method(teachers["lenet5-bn"], build_model("lenet5-half"), "deepinversion", (1, 32, 32),
+                    batch_size=32, inv_steps=1)
+    m.setup()
+    x = torch.randn(32, 1, 32, 32, requires_grad=True)
+    y = torch.arange(32) % 10
+    opt = torch.optim.Adam([x], lr=0.1)
+    first = None
+    for _ in range(20):
+        loss, terms = m.objective(x, y)
+        first = first if first is not None else float(terms["bn"])
+        m.ctx.optimize(loss, opt, terms)
+    assert float(terms["bn"]) < 0.7 * first
+
+
+@pytest.mark.parametrize("kind", ["at", "sp", "pkt", "rkd", "fitnet"])
+def test_feature_losses(kind, teachers):
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                       feature_loss=kind, feature_weight=1.0, **TINY)
+    assert "feat" in res.history.last and res.history.last["feat"] >= 0
+
+
+def test_feature_layers_named_and_errors(teachers):
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dfad", input_shape=(1, 32, 32),
+                       feature_loss="fitnet", feature_layers=["fc", "features.4:features.4"], kd_steps=1, **TINY)
+    assert "feat" in res.history.last
+    with pytest.raises(ModelError, match="no module named"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                     feature_loss="sp", feature_layers=["nope"], **TINY)
+    with pytest.raises(ConfigError):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                     feature_loss="bogus", **TINY)
+
+
+# ----------------------------------------------------------------------------- parts
+def test_pool_ring_buffer_and_state():
+    p = DataPool(5, (1, 4, 4), 3, torch.device("cpu"))
+    p.add(torch.ones(3, 1, 4, 4), torch.zeros(3, 3))
+    p.add(2 * torch.ones(4, 1, 4, 4), torch.ones(4, 3))
+    assert len(p) == 5 and p.head == 2
+    assert float(p.x[:2].mean()) == 2.0 and float(p.x[2].mean()) == 1.0
+    q = DataPool(5, (1, 4, 4), 3, torch.device("cpu"))
+    q.load_state_dict(p.state_dict())
+    assert torch.equal(q.x, p.x) and q.head == p.head and len(q) == 5
+    x, t = q.sample(7, torch.Generator().manual_seed(0))
+    assert x.shape == (7, 1, 4, 4) and t.shape == (7, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 32, 32), (1, 28, 28), (3, 64, 64)])
+def test_generator_sized_to_input(shape):
+    g = Generator(shape, nz=16)
+    assert g(torch.randn(4, 16)).shape == (4, *shape)
+    assert Generator(shape, nz=16, num_classes=10)(torch.randn(4, 16), torch.arange(4)).shape == (4, *shape)
+
+
+def test_generator_is_cheap_for_lenet():
+    # the published generators cost ~275 LeNet-5 forwards per image; ours about one
+    lenet_macs = 6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 120 * 400 + 120 * 84 + 840
+    assert Generator((1, 32, 32)).flops() < 2 * lenet_macs
+
+
+def test_resume_restores_pool_and_generator(teachers, tmp_path):
+    kw = dict(method="dafl", input_shape=(1, 32, 32), pool_batches=3, kd_steps=2, batch_size=16,
+              iters_per_epoch=3, progress=False, seed=1)
+    full = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=2, **kw)
+    dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=1, checkpoint_dir=str(tmp_path), **kw)
+    resumed = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=2, checkpoint_dir=str(tmp_path),
+                           resume=True, **kw)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_class_count_mismatch(teachers):
+    with pytest.raises(ModelError, match="classes"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half", num_classes=5), method="dafl",
+                     input_shape=(1, 32, 32), **TINY)
+
+
+def test_input_shape_teacher_cannot_take(teachers):
+    with pytest.raises(ModelError, match="input_shape"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(3, 64, 64), **TINY)
+
+
+@pytest.mark.parametrize("method", sorted(BN_METHODS))
+def test_bn_method_on_bn_free_teacher(method, teachers):
+    with pytest.raises(ModelError, match="BatchNorm"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method=method, input_shape=(1, 32, 32), **TINY)
+
+
+def test_lopes_without_metadata(teachers):
+    with pytest.raises(ConfigError, match="record_metadata"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="lopes", input_shape=(1, 32, 32), **TINY)
+
+
+def test_nan_generator_loss_skipped_then_fatal(teachers, monkeypatch, caplog):
+    import dfkt.distill.dafl as dafl_mod
+
+    real = dafl_mod.class_balance
+    calls = {"n": 0}
+
+    def once_nan(logits):
+        calls["n"] += 1
+        out = real(logits)
+        return out * float("nan") if calls["n"] == 1 else out
+
+    monkeypatch.setattr(dafl_mod, "class_balance", once_nan)
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                       epochs=1, iters_per_epoch=3, batch_size=16, progress=False)
+    assert res.history.last["skipped_steps"] == 1
+    assert "non-finite" in caplog.text
+
+    monkeypatch.setattr(dafl_mod, "class_balance", lambda logits: real(logits) * float("nan"))
+    with pytest.raises(NonFiniteError, match="consecutive"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                     epochs=1, iters_per_epoch=10, batch_size=16, max_bad_steps=3, progress=False)
+
+
+# ----------------------------------------------------------------------------- CIFAR configs and nets
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_configs_parse(name):
+    cfg = yaml.safe_load((ROOT / "configs" / "dfkd" / f"{name}.yaml").read_text())
+    assert cfg["task"] == "dfkd" and cfg["teacher"]["name"] == "resnet34-cifar"
+    assert cfg["student"]["name"] == "resnet18-cifar" and cfg["input_shape"] == [3, 32, 32]
+    n = cfg["num_classes"]
+    assert cfg["teacher"]["num_classes"] == n == (10 if name == "cifar10" else 100)
+    from dfkt.runconfig import parse
+
+    run = parse("distill", cfg)
+    cls = get_method(run.method, task="dfkd")
+    opts, tc = split_options(cls, run.options, run.train)
+    assert dataclasses.is_dataclass(opts) and isinstance(tc, TrainConfig)
+    # the alternatives documented in the header parse as well
+    text = (ROOT / "configs" / "dfkd" / f"{name}.yaml").read_text()
+    for m, o, t in re.findall(r"#   (\w+) \(.*?\n#\s+options: (\{.*?\})\n#\s+train: (\{.*?\})", text, re.S):
+        o = yaml.safe_load(re.sub(r"\n#\s+", " ", o))
+        split_options(get_method(m, task="dfkd"), o, yaml.safe_load(t))
+
+
+CIFAR_TINY = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 4, "progress": False}
+CIFAR_OPTS = {"deepinversion": {"inv_steps": 1}, "cmi": {"g_steps": 1, "bank_size": 16}, "fast": {"g_steps": 1},
+              "lopes": {"inv_steps": 1}, "zskt": {"kd_steps": 1}, "dfad": {"kd_steps": 1}, "dfq": {"kd_steps": 1}}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_wrn(method):
+    torch.manual_seed(0)
+    t, s = build_model("wrn-16-1").eval(), build_model("wrn-16-1")
+    extra = {}
+    if method == "lopes":
+        data = [(torch.randn(8, 3, 32, 32), torch.arange(8) % 10)]
+        extra["metadata"] = record_metadata(t, data)
+    res = dfkt.distill(t, s, method=method, input_shape=(3, 32, 32), num_classes=10, **CIFAR_TINY,
+                       **CIFAR_OPTS.get(method, {}), **extra)
+    assert res.history.last["step"] == 1
+
+
+def test_one_step_resnet34_to_resnet18():
+    torch.manual_seed(0)
+    t, s = build_model("resnet34-cifar").eval(), build_model("resnet18-cifar")
+    res = dfkt.distill(t, s, method="fast", input_shape=(3, 32, 32), num_classes=10, **CIFAR_TINY, g_steps=1,
+                       kd_steps=1)
+    assert res.history.last["step"] == 1 and "kd" in res.history.last

@@ -1,0 +1,272 @@
+"""Tests of the SFDA branch (dfkt.sfda): every method end to end on the embedded digits, with the
+behaviour each one promises asserted, plus the label-free selection helper and the error paths.
+
+Runs without /work/shared: source = the embedded UCI digits (28x28), target = a corrupted copy of them.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import dfkt
+from dfkt.core.evaluate import evaluate, predict
+from dfkt.data import ArrayDataset, ImageList, get_domain
+from dfkt.errors import ConfigError, DataError, ModelError
+from dfkt.models import build_model
+from dfkt.sfda import clustering_pseudo_labels, propagate_labels, select_epoch
+from dfkt.sfda.common import batch_knn, strong_augment
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+CPU = {"device": "cpu", "progress": False}
+SHIFT = {"corruption": "gaussian_blur", "severity": 3}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def source_model() -> nn.Module:
+    """shot-lenet trained once per session on 90 % of the UCI digits (SHOT's recipe, 6 epochs)."""
+    torch.manual_seed(0)
+    model = build_model("shot-lenet", num_classes=10)
+    tr = get_domain("digits", split="source_train")
+    va = get_domain("digits", split="source_val")
+    res = dfkt.train_supervised(model, tr, va, smoothing=0.1, epochs=6, lr=0.01, batch_size=64, seed=0, **CPU)
+    assert res.metrics["val_acc"] > 85
+    return res.model.eval()
+
+
+@pytest.fixture(scope="session")
+def target() -> ArrayDataset:
+    """Corrupted UCI digits (a labelled copy; labels only score)."""
+    ds = get_domain("digits", split="test", **SHIFT)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def source_acc(source_model, target) -> float:
+    return evaluate(source_model, target, torch.device("cpu"))["acc"]
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_clustering_pseudo_labels_beat_argmax(source_model, target, source_acc):
+    out = predict(source_model, target, torch.device("cpu"), features=True)
+    lab = clustering_pseudo_labels(out["features"], out["logits"])
+    pl_acc = float((lab == out["labels"]).float().mean() * 100)
+    assert lab.shape == (len(target),) and lab.dtype == torch.long
+    assert pl_acc > source_acc, (pl_acc, source_acc)
+    # threshold: a class nobody predicts is dropped (never assigned)
+    logits = out["logits"].clone()
+    logits[:, 3] = -1e4
+    lab2 = clustering_pseudo_labels(out["features"], logits, threshold=0)
+    assert not bool((lab2 == 3).any())
+    lp, conf = propagate_labels(out["features"], lab, 10, k=5)
+    assert lp.shape == lab.shape and bool(((conf > 0) & (conf <= 1 + 1e-6)).all())
+
+
+def test_clustering_matches_shot_reference():
+    """Same labels as SHOT's numpy/scipy recipe (soft centroids, 1 hard round, cosine on [f, 1])."""
+    from scipy.spatial.distance import cdist
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(200, 16, generator=g)
+    logits = f[:, :5] * 2 + 0.3 * torch.randn(200, 5, generator=g)
+    ours = clustering_pseudo_labels(f, logits).numpy()
+    fa = torch.cat([f, torch.ones(200, 1)], 1)
+    fa = (fa / fa.norm(dim=1, keepdim=True)).numpy()
+    aff = torch.softmax(logits, 1).numpy()
+    for _ in range(2):
+        c = aff.T @ fa / (1e-8 + aff.sum(0)[:, None])
+        lab = cdist(fa, c, "cosine").argmin(1)
+        aff = np.eye(5)[lab]
+    assert (ours == lab).all()
+
+
+def test_batch_knn_excludes_self():
+    bank = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    idx = torch.tensor([3, 7, 11])
+    sim, nn_idx = batch_knn(bank[idx], bank, 4, idx)
+    assert nn_idx.shape == (3, 4) and not bool((nn_idx == idx.view(-1, 1)).any())
+    full = bank[idx] @ bank.t()
+    full[torch.arange(3), idx] = -2
+    assert torch.equal(nn_idx.sort(1).values, full.topk(4, 1).indices.sort(1).values)
+
+
+def test_strong_augment_keeps_shape_and_changes_images(target):
+    x = target.images[:16]
+    y = strong_augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.isfinite(y).all() and not torch.allclose(x, y)
+
+
+# ----------------------------------------------------------------------------- methods
+def test_source_only_is_the_source_model(source_model, target, source_acc):
+    res = dfkt.adapt(source_model, target, method="source-only", **CPU)
+    assert res.acc == pytest.approx(source_acc)
+    assert not _changed(_state(source_model), _state(res.model))
+
+
+def test_adabn_changes_running_stats_only(source_model, target):
+    before = _state(source_model)
+    res = dfkt.adapt(source_model, target, method="adabn", **CPU)
+    changed = _changed(before, _state(res.model))
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)
+    # exact target statistics of the bottleneck's BN input
+    m = res.model.eval()
+    with torch.no_grad():
+        h = m.bottleneck.bottleneck(m.backbone(target.images))
+    assert torch.allclose(m.bottleneck.bn.running_mean, h.mean(0), atol=1e-4)
+
+
+def test_tent_updates_only_bn_affine(source_model, target):
+    before = _state(source_model)
+    res = dfkt.adapt(source_model, target, method="tent", epochs=2, **CPU)
+    changed = {k for k in _changed(before, _state(res.model))
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert changed == {"bottleneck.bn.weight", "bottleneck.bn.bias"}
+    ent = [r["ent"] for r in res.history.records]
+    assert ent[-1] < ent[0]
+
+
+def test_shot_im_decreases_im_loss(source_model, target):
+    res = dfkt.adapt(source_model, target, method="shot-im", epochs=4, **CPU)
+    im = [r["ent"] - r["div"] for r in res.history.records]
+    assert im[-1] < im[0]
+    head_before = {k: v for k, v in _state(source_model).items() if k.startswith("head.")}
+    head_after = {k: v for k, v in _state(res.model).items() if k.startswith("head.")}
+    assert not _changed(head_before, head_after)   # SHOT freezes the hypothesis
+
+
+def test_shot_improves_over_source_only(source_model, target, source_acc):
+    res = dfkt.adapt(source_model, target, method="shot", epochs=6, **CPU)
+    assert res.acc >= source_acc + 5, (res.acc, source_acc)
+    rec = res.history.last
+    assert {"acc", "entropy", "im", "snd", "ce", "ent", "div"} <= set(rec)
+
+
+@pytest.mark.parametrize("method", ["nrc", "aad"])
+def test_neighbourhood_methods_improve(method, source_model, target, source_acc):
+    res = dfkt.adapt(source_model, target, method=method, epochs=6, lr=0.01, backbone_lr=1.0, K=3, **CPU)
+    assert res.acc >= source_acc + 3, (method, res.acc, source_acc)
+
+
+def test_ccl_improves_over_source_only(source_model, target, source_acc):
+    res = dfkt.adapt(source_model, target, method="ccl", epochs=6, **CPU)
+    assert res.acc >= source_acc + 5, (res.acc, source_acc)
+
+
+def test_nrc_resume_restores_memory_banks(source_model, target, tmp_path, monkeypatch):
+    """Banks are tracked: a run killed after epoch 1 and resumed ends with the same weights."""
+    from dfkt.sfda.nrc import NRC
+
+    kw = dict(method="nrc", epochs=2, lr=0.01, K=3, KK=2, **CPU)
+    full = dfkt.adapt(source_model, target, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def die(self, epoch):
+        if epoch == 1:
+            raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(NRC, "epoch_begin", die)
+        with pytest.raises(Killed):
+            dfkt.adapt(source_model, target, checkpoint_dir=str(tmp_path), **kw)
+    res = dfkt.adapt(source_model, target, checkpoint_dir=str(tmp_path), resume=True, **kw)
+    assert res.history.resumed_from_epoch == 1 and len(res.history.records) == 2
+    after = _state(res.model)
+    for k, v in _state(full.model).items():
+        assert torch.allclose(v.float(), after[k].float(), atol=1e-5), k
+
+
+# ----------------------------------------------------------------------------- selection
+def test_select_epoch():
+    hist = [{"epoch": 1, "acc": 50.0, "entropy": 0.9, "im": 1.0, "snd": 3.0},
+            {"epoch": 2, "acc": 70.0, "entropy": 0.5, "im": 1.6, "snd": 2.5},
+            {"epoch": 3, "acc": 60.0, "entropy": 0.2, "im": 1.4, "snd": 3.1}]
+    assert select_epoch(hist, "snd")["epoch"] == 3
+    assert select_epoch(hist, "im")["epoch"] == 2
+    assert select_epoch(hist, "entropy")["epoch"] == 3
+    with pytest.raises(ConfigError, match="unknown selection score"):
+        select_epoch(hist, "acc")
+    with pytest.raises(ConfigError, match="no epoch record"):
+        select_epoch([{"epoch": 1, "acc": 1.0}], "snd")
+
+
+def test_select_epoch_on_a_run(source_model, target):
+    res = dfkt.adapt(source_model, target, method="shot-im", epochs=2, **CPU)
+    rec = select_epoch(res, "im")
+    assert rec in res.history.records and "acc" in rec
+
+
+# ----------------------------------------------------------------------------- errors
+class _NoIndex(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y, _ = self.ds[i]
+        return x, y
+
+
+def test_errors(source_model, target):
+    with pytest.raises(DataError, match="sample indices"):
+        dfkt.adapt(source_model, _NoIndex(target), method="nrc", **CPU)
+    with pytest.raises(ModelError, match="num_classes"):
+        dfkt.adapt(source_model, target, method="shot", num_classes=12, **CPU)
+    no_bn = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    for method in ("adabn", "tent"):
+        with pytest.raises(ModelError, match="BatchNorm"):
+            dfkt.adapt(no_bn, target, method=method, **CPU)
+    with pytest.raises(DataError, match="empty"):
+        dfkt.adapt(source_model, torch.utils.data.TensorDataset(torch.zeros(0, 1, 28, 28)), method="shot", **CPU)
+    with pytest.raises(ConfigError, match="unknown option"):
+        dfkt.adapt(source_model, target, method="shot", betta=0.3, **CPU)
+    with pytest.raises(DataError, match="neighbour"):
+        dfkt.adapt(source_model, target.subset(list(range(6))), method="nrc", **CPU)
+
+
+# ----------------------------------------------------------------------------- object configs
+def test_shot_one_step_on_an_image_list(tmp_path: Path):
+    """SHOT through the image-list path with SHOT's object model (resnet50), 64x64 inputs, batch 4."""
+    from dfkt.data import default_transforms
+
+    rng = np.random.RandomState(0)
+    lines = []
+    for i in range(8):
+        arr = (rng.rand(32, 32, 3) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"im{i}.png")
+        lines.append(f"im{i}.png {i % 3}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    tr = default_transforms(True, size=72, crop=64)
+    te = default_transforms(False, size=72, crop=64)
+    target = ImageList(tmp_path / "list.txt", transform=tr)
+    target.eval_view = ImageList(tmp_path / "list.txt", transform=te)
+    torch.manual_seed(0)
+    model = build_model("resnet50", num_classes=3)
+    before = _state(model)
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/sfda/office31.yaml").read_text())
+    opts = dict(cfg["options"])
+    train = dict(cfg["train"], epochs=1, batch_size=4)
+    res = dfkt.adapt(model, target, method=cfg["method"], train=train, time_budget_s=1e-9, **opts, **CPU)
+    assert res.history.last["step"] == 1
+    changed = _changed(before, _state(res.model))
+    assert any(k.startswith("backbone.") for k in changed) and not any(k.startswith("head.") for k in changed)
