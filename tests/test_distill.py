@@ -174,13 +174,25 @@ def test_generator_is_cheap_for_lenet():
     assert Generator((1, 32, 32)).flops() < 2 * lenet_macs
 
 
-def test_resume_restores_pool_and_generator(teachers, tmp_path):
-    kw = dict(method="dafl", input_shape=(1, 32, 32), pool_batches=3, kd_steps=2, batch_size=16,
-              iters_per_epoch=3, progress=False, seed=1)
-    full = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=2, **kw)
-    dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=1, checkpoint_dir=str(tmp_path), **kw)
-    resumed = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), epochs=2, checkpoint_dir=str(tmp_path),
-                           resume=True, **kw)
+def test_resume_restores_pool_and_generator(teachers, tmp_path, monkeypatch):
+    from dfkt.distill.common import DistillMethod
+
+    kw = dict(method="dafl", input_shape=(1, 32, 32), pool_batches=3, kd_steps=2, batch_size=16, epochs=2,
+              iters_per_epoch=3, progress=False, seed=1, checkpoint_dir=str(tmp_path))
+    torch.manual_seed(0)
+    student = build_model("lenet5-half")
+    full = dfkt.distill(teachers["lenet5"], student, **{**kw, "checkpoint_dir": str(tmp_path / "full")})
+
+    def crash(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DistillMethod, "epoch_begin", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dfkt.distill(teachers["lenet5"], student, **kw)
+    monkeypatch.undo()
+    resumed = dfkt.distill(teachers["lenet5"], student, resume=True, **kw)
+    assert resumed.history.resumed_from_epoch == 1
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -209,7 +221,7 @@ def test_lopes_without_metadata(teachers):
 
 
 def test_nan_generator_loss_skipped_then_fatal(teachers, monkeypatch, caplog):
-    import dfkt.distill.dafl as dafl_mod
+    from dfkt.distill import dafl as dafl_mod   # (dfkt.distill is also the API function)
 
     real = dafl_mod.class_balance
     calls = {"n": 0}

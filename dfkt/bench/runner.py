@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -206,8 +207,9 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
             imgs = res.synthesize(64).detach().float().cpu()
             grid_dir = out / "grids"
             grid_dir.mkdir(exist_ok=True)
-            torch.save(imgs, grid_dir / f"{task.name}-{name}.pt")
-            rec["grid"] = f"grids/{task.name}-{name}.pt"
+            fname = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task.name}-{name}") + ".pt"
+            torch.save(imgs, grid_dir / fname)
+            rec["grid"] = f"grids/{fname}"
         except Exception as e:  # a grid is a nice-to-have; never lose the record for it
             log.warning("could not synthesize a grid for %s: %s", name, e)
     return rec

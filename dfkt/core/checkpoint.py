@@ -54,7 +54,7 @@ def read_checkpoint(path: str | Path, expect: str | None = None) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, not a torch file at all
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). "
             f"It is truncated, corrupted or not a dfkt checkpoint; delete it to start afresh or point to "
             f"another file.") from None
     fmt = obj.get("format") if isinstance(obj, dict) else None

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
 from . import distributed as dist
-from .checkpoint import FORMAT_VERSION, RESUME_FORMAT, RESUME_NAME, atomic_save, load_state_strict, read_checkpoint
+from .checkpoint import (FORMAT_VERSION, RESUME_FORMAT, RESUME_NAME, atomic_save, load_state_strict, model_spec,
+                         read_checkpoint)
 from .method import Method
 
 log = logging.getLogger("dfkt")
@@ -77,6 +78,7 @@ def save_resume(path: Path, method: Method, history: History, epoch: int, meta: 
         "format": RESUME_FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "step": ctx.step,
         "method": method.name, "task": method.task, **meta,
         "model_state": dist.unwrap(method.model()).state_dict(),
+        "model_spec": model_spec(dist.unwrap(method.model())),   # dfkt.load(resume.pt) rebuilds the model
         "learner_state": dist.unwrap(ctx.learner).state_dict(),
         "method_state": method.state_dict(), "rng": _rng_state(ctx),
         "history": history.records, "train_time_s": history.train_time_s,

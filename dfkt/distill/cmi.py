@@ -58,7 +58,7 @@ class CMI(GeneratorMethod):
     def build(self) -> None:
         super().build()
         o = self.opts
-        self.objective = BNObjective(self.teacher, self.ctx.learner, o, self.name)
+        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, o, self.name))
         self.feat_name = last_linear(self.teacher)
         with torch.no_grad(), FeatureRecorder(self.teacher, [self.feat_name], inputs=True) as rec:
             self.teacher(torch.zeros((2, *self.ctx.input_shape), device=self.device))
@@ -67,7 +67,7 @@ class CMI(GeneratorMethod):
                                                      nn.Linear(dim, o.proj_dim)).to(self.device))
         self.head_opt = self.track("head_opt", torch.optim.Adam(self.head.parameters(), lr=o.g_lr, betas=(0.5, 0.999)))
         self.bank = self.track("bank", torch.zeros(o.bank_size, dim, device=self.device))
-        self.bank_n, self.bank_head = 0, 0
+        self.state.update(bank_n=0, bank_head=0)
 
     def contrastive(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.opts
@@ -79,8 +79,8 @@ class CMI(GeneratorMethod):
         q = F.normalize(self.head(f_global), dim=1)
         k = F.normalize(self.head(f_local), dim=1)
         keys = k
-        if self.bank_n:
-            keys = torch.cat([k, F.normalize(self.head(self.bank[:self.bank_n]), dim=1)])
+        if self.state["bank_n"]:
+            keys = torch.cat([k, F.normalize(self.head(self.bank[:self.state["bank_n"]]), dim=1)])
         logits = q @ keys.t() / o.cr_t
         target = torch.arange(q.shape[0], device=q.device)
         return F.cross_entropy(logits, target), f_global.detach()
@@ -101,15 +101,15 @@ class CMI(GeneratorMethod):
             loss = loss + o.cr * cr
             terms["cr"] = cr.detach()
             self.head_opt.zero_grad(set_to_none=True)
-            if self.ctx.optimize(loss, opt, terms):
+            if self.synth_optimize(loss, opt, terms):
                 self.head_opt.step()                   # the head learns with the generator
             self.head_opt.zero_grad(set_to_none=True)
             self.s_opt.zero_grad(set_to_none=True)
         n = feats.shape[0]
-        idx = (torch.arange(n, device=self.device) + self.bank_head) % self.bank.shape[0]
+        idx = (torch.arange(n, device=self.device) + self.state["bank_head"]) % self.bank.shape[0]
         self.bank[idx] = feats
-        self.bank_head = (self.bank_head + n) % self.bank.shape[0]
-        self.bank_n = min(self.bank.shape[0], self.bank_n + n)
+        self.state["bank_head"] = (self.state["bank_head"] + n) % self.bank.shape[0]
+        self.state["bank_n"] = min(self.bank.shape[0], self.state["bank_n"] + n)
         self.last_generator = gen
         with torch.no_grad():
             x = gen(z)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.context import StepGuard
 from ..core.hooks import FeatureRecorder, named_modules
 from ..core.losses import FEATURE_LOSSES, FitNetHint, kd_kl, logit_l1
 from ..core.method import Batch, Method, freeze
@@ -100,15 +101,16 @@ class no_param_grad:
             p.requires_grad_(f)
 
 
-def manual_guard(ctx, finite: torch.Tensor, loss: torch.Tensor, terms: dict) -> bool:
+def manual_guard(ctx, guard: StepGuard, finite: torch.Tensor, loss: torch.Tensor, terms: dict) -> bool:
     """The NaN/inf guard for updates made by hand (not through an optimizer): count, log, stop."""
     import logging
 
     from ..errors import NonFiniteError
-    g = ctx.guard
+    g = guard
     if bool(finite):
         g.bad_in_a_row = 0
         return True
+    ctx.guard.skipped += 1
     g.skipped += 1
     g.bad_in_a_row += 1
     logging.getLogger("dfkt").warning("step %d: non-finite synthesis loss %s: update skipped (%d in a row)",
@@ -218,6 +220,16 @@ def random_shift(x: torch.Tensor, max_px: int, g: torch.Generator | None = None)
     return pad[..., dy:dy + h, dx:dx + w]
 
 
+class HostState(dict):
+    """Plain counters and small values of a method (tracked for resume like a module's state)."""
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update(state)
+
+
 def balanced_labels(n: int, num_classes: int, device, g: torch.Generator | None = None) -> torch.Tensor:
     """``n`` labels covering the classes as evenly as possible, in random order."""
     y = torch.arange(n) % num_classes
@@ -258,8 +270,11 @@ class DistillMethod(Method):
                                                                weight_decay=tc.weight_decay, nesterov=o.momentum > 0))
         self.base_lr = tc.lr
         self.s_total = max(1, tc.epochs * tc.iters_per_epoch * o.kd_steps)
-        self.s_step = 0
+        self.state = self.track("state", HostState(s_step=0))
         self.t_start = None
+        # synthesis has its own NaN guard: a finite student step must not reset the count of
+        # consecutive non-finite generator/pixel steps (skips are added to the run's total)
+        self.synth_guard = StepGuard(tc.max_bad_steps)
         self.pool = (self.track("pool", DataPool(o.pool_batches * self.synth_bs, ctx.input_shape, ctx.num_classes,
                                                   self.device)) if o.pool_batches > 0 else None)
         self.build()
@@ -267,9 +282,16 @@ class DistillMethod(Method):
     def build(self) -> None:
         """Subclass hook: build the synthesizer (generator, pixels, optimisers)."""
 
+    def synth_optimize(self, loss: torch.Tensor, optimizer, terms: dict[str, torch.Tensor]) -> bool:
+        """ctx.optimize for synthesis steps (generator, latent codes, pixels), with the synthesis guard."""
+        ok = self.synth_guard(loss, optimizer, self.ctx.step, terms)
+        if not ok:
+            self.ctx.guard.skipped += 1
+        return ok
+
     # -- schedule -----------------------------------------------------------------------------
     def progress(self) -> float:
-        p = self.s_step / self.s_total
+        p = self.state['s_step'] / self.s_total
         budget = self.ctx.train.time_budget_s
         if budget and self.opts.time_schedule:
             if self.t_start is None:
@@ -325,7 +347,7 @@ class DistillMethod(Method):
                 loss = loss + feat
                 terms["feat"] = feat.detach()
         ctx.optimize(loss, self.s_opt, terms)
-        self.s_step += 1
+        self.state['s_step'] += 1
         return terms
 
     # -- the loop's protocol -------------------------------------------------------------------
@@ -383,10 +405,11 @@ class GeneratorMethod(DistillMethod):
         """Student forward for the generator's adversarial term (gradients flow to x only)."""
         return self.student(x)
 
-    def g_optimize(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], opt=None) -> None:
-        self.ctx.optimize(loss, opt or self.g_opt, terms)
+    def g_optimize(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], opt=None) -> bool:
+        ok = self.synth_optimize(loss, opt or self.g_opt, terms)
         # gradients reaching the (frozen) student during the generator step are discarded
         self.s_opt.zero_grad(set_to_none=True)
+        return ok
 
 
 # ----- BatchNorm-statistics synthesis (DeepInversion, DFQ, CMI, Fast) -----------------------------
@@ -439,6 +462,13 @@ class BNObjective:
         self.teacher, self.student, self.opts = teacher, student, opts
         self.recorder = BNStatsRecorder(teacher, method=method)
         self.running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def state_dict(self) -> dict:
+        return {n: (m.cpu(), v.cpu()) for n, (m, v) in self.running.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = next(self.teacher.parameters()).device
+        self.running = {n: (m.to(dev), v.to(dev)) for n, (m, v) in state.items()}
 
     def bn_loss(self) -> torch.Tensor:
         o, rec = self.opts, self.recorder

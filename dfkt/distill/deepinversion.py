@@ -101,8 +101,7 @@ class DeepInversion(DistillMethod):
             self.px_y = self.track("pixel_labels", balanced_labels(n, ctx.num_classes, self.device, ctx.rng))
             self.px_t = self.track("pixel_logits", torch.zeros(n, ctx.num_classes, device=self.device))
             self.px_adam = self.track("pixel_adam", PixelAdam(tuple(self.px.shape), self.device, o.inv_lr))
-            self.px_head = 0
-            self.px_filled = 0
+            self.state.update(px_head=0, px_filled=0)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         o = self.opts
@@ -146,7 +145,7 @@ class DeepInversion(DistillMethod):
             for g in opt.param_groups:      # DeepInversion's cosine lr over the inner steps
                 g["lr"] = o.inv_lr * 0.5 * (1 + math.cos(math.pi * i / o.inv_steps))
             loss, terms = self.objective(x, y)
-            ctx.optimize(loss, opt, terms)
+            self.synth_optimize(loss, opt, terms)
         x = x.detach()
         with torch.no_grad():
             t = self.teacher(x).float()
@@ -155,8 +154,8 @@ class DeepInversion(DistillMethod):
     def _pool_step(self):
         o, ctx = self.opts, self.ctx
         n = self.px.shape[0]
-        idx = (torch.arange(self.synth_bs) + self.px_head) % n
-        self.px_head = (self.px_head + self.synth_bs) % n
+        idx = (torch.arange(self.synth_bs) + self.state["px_head"]) % n
+        self.state["px_head"] = (self.state["px_head"] + self.synth_bs) % n
         idx = idx.to(self.device)
         x = self.px[idx]
         y = self.px_y[idx]
@@ -164,9 +163,9 @@ class DeepInversion(DistillMethod):
             x = x.detach().requires_grad_()
             loss, terms = self.objective(x, y)
             grad, = torch.autograd.grad(loss, x)
-            if manual_guard(ctx, torch.isfinite(loss.detach()) & torch.isfinite(grad).all(), loss, terms):
+            if manual_guard(ctx, self.synth_guard, torch.isfinite(loss.detach()) & torch.isfinite(grad).all(), loss, terms):
                 x = self.px_adam.step(x.detach(), grad, idx)
-        self.px_filled = min(n, self.px_filled + self.synth_bs)
+        self.state["px_filled"] = min(n, self.state["px_filled"] + self.synth_bs)
         x = x.detach()
         self.px[idx] = x
         with torch.no_grad():
@@ -175,7 +174,7 @@ class DeepInversion(DistillMethod):
 
     def student_batch(self, x, t_logits):
         if self.opts.pixels:
-            j = torch.randint(0, max(1, self.px_filled), (self.ctx.batch_per_rank,), generator=self.ctx.rng).to(self.device)
+            j = torch.randint(0, max(1, self.state["px_filled"]), (self.ctx.batch_per_rank,), generator=self.ctx.rng).to(self.device)
             return self.px[j], self.px_t[j]
         return super().student_batch(x, t_logits)
 

@@ -31,7 +31,7 @@ class DFQ(GeneratorMethod):
 
     def build(self) -> None:
         super().build()
-        self.objective = BNObjective(self.teacher, self.ctx.learner, self.opts, self.name)
+        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))
 
     def synthesize_batch(self):
         self.generator.train()

@@ -10,7 +10,8 @@ per-class Gaussians, and the student is distilled on them::
     torch.save(meta, "teacher_meta.pt")
     dfkt.distill(teacher, student, method="lopes", metadata="teacher_meta.pt", input_shape=(1, 32, 32))
 
-``train_loader`` yields ``(x, y, ...)`` batches (or ``(x, y)``); layers default to
+In suites, ``metadata: {domain: mnist10k, split: train, size: 32}`` records it at setup from a
+named dfkt domain (standing for the owner's one-off pass). ``train_loader`` yields ``(x, y, ...)`` batches (or ``(x, y)``); layers default to
 ``['penultimate']`` (the input of the teacher's last Linear); any module name can be added.
 Activations are flattened; a layer whose recorded values are all >= 0 (after a ReLU) is
 matched with its sampled targets clamped at 0.
@@ -84,7 +85,10 @@ def record_metadata(teacher: nn.Module, loader: Iterable, layers: list[str] | No
             "nonneg": [bool(m >= 0) for m in mins]}
 
 
-def load_metadata(meta: Any) -> dict:
+def load_metadata(meta: Any, teacher: nn.Module | None = None) -> dict:
+    """``meta`` as a metadata dict: a dict from record_metadata, a path to one, or a data spec."""
+    if isinstance(meta, dict) and "domain" in meta and teacher is not None:
+        return _record_from_domain(meta, teacher)
     if meta is None:
         raise ConfigError("method 'lopes' needs the teacher's activation metadata: metadata="
                           "dfkt.distill.lopes.record_metadata(teacher, loader) (or a path to it saved with torch.save).")
@@ -98,9 +102,29 @@ def load_metadata(meta: Any) -> dict:
     return meta
 
 
+def _record_from_domain(spec: dict, teacher: nn.Module) -> dict:
+    """Record metadata on a named dfkt domain: ``{domain, split, size, root, layers}`` (benchmarks).
+
+    This stands for the teacher owner's one-off pass over its training data; the run itself uses
+    only the resulting statistics.
+    """
+    from ..data import get_domain
+
+    spec = dict(spec)
+    layers = spec.pop("layers", None)
+    known = {"domain", "split", "size", "root", "channels"}
+    if set(spec) - known:
+        raise ConfigError(f"lopes metadata spec: unknown key(s) {sorted(set(spec) - known)}; use {sorted(known)}")
+    name = spec.pop("domain")
+    ds = get_domain(name, **spec)
+    loader = torch.utils.data.DataLoader(ds, batch_size=512)
+    return record_metadata(teacher, loader, layers=layers)
+
+
 @dataclass
 class LopesOptions(DistillOptions):
-    metadata: Any = None          # record_metadata() dict, or a path to one saved with torch.save
+    metadata: Any = None          # record_metadata() dict, a path to one saved with torch.save, or a data
+    #                               spec {domain, split, size[, root, layers]} recorded at setup (benchmarks)
     inv_steps: int = 30
     inv_lr: float = 0.1
     tv: float = 1e-3
@@ -119,7 +143,7 @@ class Lopes(DistillMethod):
     defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
 
     def build(self) -> None:
-        meta = load_metadata(self.opts.metadata)
+        meta = load_metadata(self.opts.metadata, self.teacher)
         self.layers = list(meta["layers"])
         self.mean = [m.to(self.device) for m in meta["mean"]]
         self.std = [s.to(self.device) for s in meta["std"]]
@@ -151,7 +175,7 @@ class Lopes(DistillMethod):
                     ce = F.cross_entropy(logits.float(), y)
                     loss = loss + o.ce * ce
                     terms["ce"] = ce.detach()
-            ctx.optimize(loss, opt, terms)
+            self.synth_optimize(loss, opt, terms)
         x = x.detach()
         with torch.no_grad():
             t = self.teacher(x).float()

@@ -35,7 +35,7 @@ class RDSKD(GeneratorMethod):
     def build(self) -> None:
         super().build()
         self.prev = self.track("prev_terms", torch.zeros(4, device=self.device))   # oh, act, ie, ms
-        self.started = False
+        self.state["started"] = False
 
     def synthesize_batch(self):
         o = self.opts
@@ -47,11 +47,11 @@ class RDSKD(GeneratorMethod):
         h = x.shape[0] // 2
         ms = (x[:h] - x[h:2 * h]).abs().mean() / (z[:h] - z[h:2 * h]).abs().mean()
         cur = torch.stack([t["oh"], t["act"], t["ie"], -ms]).float()
-        prev = self.prev if self.started else cur.detach()
+        prev = self.prev if self.state["started"] else cur.detach()
         w = torch.tensor([o.oh, o.act, o.ie, o.div], device=cur.device)
         loss = (w * torch.exp((cur - prev).clamp(max=10.0))).sum()
         terms = {**{k: v.detach() for k, v in t.items()}, "ms": ms.detach()}
         self.g_optimize(loss, terms)
         self.prev.copy_(cur.detach())
-        self.started = True
+        self.state["started"] = True
         return x.detach(), t_logits.detach().float(), terms
