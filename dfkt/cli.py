@@ -141,8 +141,13 @@ def cmd_bench(args) -> int:
                     cache_dir=args.cache, device=args.device or "auto",
                     methods=args.methods.split(",") if args.methods else None, resume=args.resume,
                     progress=not args.no_progress, command=command)
-    from .bench.report import markdown
+    from .bench.report import markdown, publish
 
+    if args.publish:
+        from .bench.suite import SUITE_DIR
+
+        log_path = publish(doc, Path(out), SUITE_DIR / "RESULTS.md")
+        print(f"published to {log_path}")
     print(markdown(doc))
     print(f"results: {Path(out) / 'results.json'}\nreport: {Path(out) / 'report.md'}")
     return 0
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated subset of methods")
     b.add_argument("--cache", help="cache folder for source models/teachers (default <out>/cache)")
     b.add_argument("--resume", action="store_true", help="skip runs already in <out>/results.json")
+    b.add_argument("--publish", action="store_true",
+                   help="also update this suite's section of benchmarks/RESULTS.md (+ benchmarks/results/)")
     common(b, config=False)
     d = sub.add_parser("demo", help="both branches on the embedded digits, in a few minutes")
     d.add_argument("--out", help="write results.json/report.md there")

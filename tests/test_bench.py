@@ -48,6 +48,15 @@ def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
     if suite["task"] == "sfda":
         so = next(r for r in doc["records"] if r["method"] == "source-only")
         assert so["acc"] == pytest.approx(so["ref_acc"], abs=1e-6)
+    # --publish: a RESULTS.md section per suite, replaced (not duplicated) on the next run
+    from dfkt.bench.report import publish
+
+    md = tmp_path / "RESULTS.md"
+    publish(doc, out, md)
+    publish(doc, out, md)
+    text = md.read_text()
+    assert text.count(f"<!-- suite:{suite['suite']} -->") == 1 and "| method |" in text
+    assert (tmp_path / "results" / suite["suite"] / "results.json").exists()
     # --resume skips the runs already recorded
     assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q", "--resume"]) == 0
     assert len(json.loads((out / "results.json").read_text())["records"]) == len(suite["methods"])

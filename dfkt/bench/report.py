@@ -162,3 +162,32 @@ def write_report(doc: dict, out: Path) -> Path:
     path = out / "report.md"
     path.write_text(md)
     return path
+
+
+def publish(doc: dict, out: Path, results_md: Path) -> Path:
+    """Copy results.json and plots to ``<results_md folder>/results/<suite>/`` and replace this suite's
+    section of RESULTS.md with the freshly generated report (other suites' sections are kept)."""
+    import shutil
+
+    out, results_md = Path(out), Path(results_md)
+    name = doc["suite"] + ("-quick" if doc.get("quick") else "")
+    dest = results_md.parent / "results" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "results.json", dest / "results.json")
+    md = markdown(doc).replace("# Suite", "## Suite", 1)
+    md = md.replace("\n## ", "\n### ").replace("### Suite", "## Suite", 1)
+    for png in sorted(out.glob("*.png")):
+        shutil.copy2(png, dest / png.name)
+        md += f"\n![{png.stem}](results/{name}/{png.name})\n"
+    begin, end = f"<!-- suite:{name} -->", f"<!-- /suite:{name} -->"
+    section = f"{begin}\n{md}\n{end}"
+    text = results_md.read_text() if results_md.exists() else (
+        "# Benchmark results\n\nEvery section below is written by `dfkt bench ... --publish` (never by hand): "
+        "the command, the environment and the measured figures of the latest run of that suite.\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    results_md.write_text(text)
+    return results_md
