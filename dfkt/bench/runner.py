@@ -71,6 +71,7 @@ def cached_supervised(recipe: ModelRecipe, domain: DomainSpec, seed: int, root: 
     """Train (once) and cache a model by the hash of its recipe, data and seed."""
     key = _hash({"recipe": to_dict(recipe), "domain": to_dict(domain), "seed": seed, "v": 1})
     path = cache / f"{recipe.model}-{_domain_label(domain)}-s{seed}-{key}.pt".replace(":", "_").replace("@", "_")
+    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(recipe.model, num_classes=num_classes, **recipe.kwargs)
     if path.exists():
         return load_model(path, model=model)
@@ -202,7 +203,7 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,
            "student": student_name, "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
            "wall_s": round(res.wall_s, 3), "epochs": len(res.history.records), "curve": _history_curve(res.history)}
-    if seed == 0 and res.synthesize is not None:
+    if seed == 0 and res.synthesize is not None and dist.is_main():
         try:
             imgs = res.synthesize(64).detach().float().cpu()
             grid_dir = out / "grids"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -64,6 +65,20 @@ class TrainConfig:
         return out
 
 
+def _scalar(v) -> float:
+    t = torch.as_tensor(v).detach().float()
+    return float(t) if t.numel() == 1 else float(t.sum())
+
+
+def _describe(loss: torch.Tensor, terms: dict | None) -> str:
+    """'loss=nan, terms: ce=nan, reg=0.5; non-finite: ce' (host syncs: only on bad steps)."""
+    vals = {k: _scalar(v) for k, v in (terms or {}).items()}
+    bad = [k for k, v in vals.items() if not math.isfinite(v)]
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items()) or "none given"
+    return (f"loss={_scalar(loss):.4g}, terms: {shown}; non-finite: "
+            f"{', '.join(bad) if bad else 'gradients only (the loss terms are finite)'}")
+
+
 class StepGuard:
     """Backward + optimiser step with a NaN/inf guard (and a GradScaler for fp16 AMP).
 
@@ -98,15 +113,14 @@ class StepGuard:
         else:
             self.skipped += 1
             self.bad_in_a_row += 1
-            bad = {k: float(v) for k, v in (terms or {}).items() if not torch.isfinite(torch.as_tensor(v)).all()}
-            log.warning("step %d: non-finite loss or gradient (loss=%s, bad terms=%s): step skipped (%d in a row)",
-                        step, float(loss.detach()), bad or "gradients only", self.bad_in_a_row)
+            report = _describe(loss, terms)
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row); %s",
+                        step, self.bad_in_a_row, report)
             if self.scaler is not None:
                 self.scaler.update()
             if self.bad_in_a_row >= self.max_bad:
                 raise NonFiniteError(
-                    f"{self.bad_in_a_row} consecutive non-finite steps, the last at step {step} "
-                    f"(loss={float(loss.detach())}, non-finite terms: {bad or 'none; gradients overflowed'}). "
+                    f"{self.bad_in_a_row} consecutive non-finite steps, the last at step {step}: {report}. "
                     f"Lower train.lr, check the inputs, or raise train.max_bad_steps.")
         optimizer.zero_grad(set_to_none=True)
         return ok

@@ -106,6 +106,15 @@ def load_resume(path: Path, method: Method, meta: dict) -> tuple[int, History]:
     return ck["epoch"], hist
 
 
+def _out_of_time(elapsed: float, budget: float, device: torch.device) -> bool:
+    """Whether the time budget is spent; under torchrun rank 0 decides for all (no rank stops alone)."""
+    over = elapsed > budget
+    if dist.is_dist():
+        flag = torch.tensor([float(over)], device=device)
+        over = bool(dist.broadcast_(flag, 0).item())
+    return over
+
+
 def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
         resume: bool = False, meta: Optional[dict] = None,
         callbacks: tuple[Callable[[dict], None], ...] = ()) -> History:
@@ -123,8 +132,9 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
                                   "of the interrupted run.")
         if ckpt.exists():
             start, history = load_resume(ckpt, method, meta)
-            log.info("resumed %s from %s at epoch %d (step %d)", method.name, ckpt, start, ctx.step)
-        else:
+            if dist.is_main():
+                log.info("resumed %s from %s at epoch %d (step %d)", method.name, ckpt, start, ctx.step)
+        elif dist.is_main():
             log.info("no checkpoint at %s yet: starting from scratch", ckpt)
     epochs = tc.epochs if method.trains else 1
     show = tc.progress and dist.is_main()
@@ -145,7 +155,8 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
             n += 1
             ctx.step += 1
             bar.update()
-            if tc.time_budget_s is not None and history.train_time_s + time.perf_counter() - t0 > tc.time_budget_s:
+            if tc.time_budget_s is not None and _out_of_time(history.train_time_s + time.perf_counter() - t0,
+                                                             tc.time_budget_s, ctx.device):
                 out_of_time = True
                 break
         bar.close()
@@ -154,7 +165,10 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
         history.train_time_s += time.perf_counter() - t0
         rec = {"epoch": epoch + 1, "step": ctx.step, "time_s": round(history.train_time_s, 3)}
         if sums:
-            means = (torch.stack(list(sums.values())) / max(n, 1)).tolist()  # one sync per epoch
+            means = torch.stack(list(sums.values())) / max(n, 1)
+            if dist.is_dist():   # the history holds the means over all ranks (the global batch), same on every rank
+                means = dist.all_reduce_sum(means, differentiable=False) / dist.world_size()
+            means = means.tolist()  # one sync per epoch
             rec.update({k: round(v, 6) for k, v in zip(sums, means)})
         last = epoch + 1 == epochs or out_of_time
         if eval_fn is not None and ((epoch + 1) % tc.eval_every == 0 or last):
@@ -162,15 +176,17 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
         if ctx.guard.skipped:
             rec["skipped_steps"] = ctx.guard.skipped
         history.records.append(rec)
-        log.info("%s epoch %d/%d: %s", method.name, epoch + 1, epochs,
-                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                           if k not in ("epoch",)))
+        if dist.is_main():   # under torchrun only rank 0 logs (and checkpoints, below)
+            log.info("%s epoch %d/%d: %s", method.name, epoch + 1, epochs,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                               if k not in ("epoch",)))
         for cb in callbacks:
             cb(rec)
         if ckpt is not None and dist.is_main() and ((epoch + 1) % tc.checkpoint_every == 0 or last):
             save_resume(ckpt, method, history, epoch + 1, meta)
         if out_of_time:
-            log.info("time budget of %.0f s reached after epoch %d", tc.time_budget_s, epoch + 1)
+            if dist.is_main():
+                log.info("time budget of %.0f s reached after epoch %d", tc.time_budget_s, epoch + 1)
             break
     dist.barrier()
     return history
