@@ -36,7 +36,6 @@ def setup_logging(verbose: int = 0) -> None:
                                      "%H:%M:%S"))
     root.addHandler(h)
     root.setLevel(level if dist.rank() == 0 and rank == 0 else logging.WARNING)
-    root.propagate = False
 
 
 def _load(kind: str, args) -> object:
