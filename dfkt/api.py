@@ -259,7 +259,7 @@ def train_supervised(model: nn.Module, train_set, val_set=None, *, out: str | Pa
 
     def eval_fn(m: nn.Module) -> dict:
         res = evaluate(m, val_set, device) if val_set is not None else {}
-        if select_best and val_set is not None and res["acc"] > best["acc"]:
+        if select_best and val_set is not None and res["acc"] >= best["acc"]:  # ties: the latest
             best["acc"] = res["acc"]
             best["state"] = {k: v.detach().clone() for k, v in dist.unwrap(m).state_dict().items()}
         return {"val_acc": res["acc"]} if res else {}

@@ -22,9 +22,8 @@ from dfkt.models import build_model
 from dfkt.sfda import clustering_pseudo_labels, propagate_labels, select_epoch
 from dfkt.sfda.common import batch_knn, strong_augment
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 CPU = {"device": "cpu", "progress": False}
-SHIFT = {"corruption": "gaussian_blur", "severity": 3}
+SHIFT = {"corruption": "contrast", "severity": 3}   # source-only ~60 %
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -42,9 +41,8 @@ def source_model() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def target() -> ArrayDataset:
-    """Corrupted UCI digits (a labelled copy; labels only score)."""
-    ds = get_domain("digits", split="test", **SHIFT)
-    return ds
+    """Corrupted UCI digits, the 20 % test split (a labelled copy; labels only score)."""
+    return get_domain("digits", split="test", **SHIFT)
 
 
 @pytest.fixture(scope="session")
@@ -123,11 +121,11 @@ def test_adabn_changes_running_stats_only(source_model, target):
     changed = _changed(before, _state(res.model))
     assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
     assert any(k.endswith("running_mean") for k in changed)
-    # exact target statistics of the bottleneck's BN input
+    # the target statistics of the bottleneck BN input
     m = res.model.eval()
     with torch.no_grad():
         h = m.bottleneck.bottleneck(m.backbone(target.images))
-    assert torch.allclose(m.bottleneck.bn.running_mean, h.mean(0), atol=1e-4)
+    assert torch.allclose(m.bottleneck.bn.running_mean, h.mean(0), atol=2e-3)   # average of batch means
 
 
 def test_tent_updates_only_bn_affine(source_model, target):
@@ -151,27 +149,28 @@ def test_shot_im_decreases_im_loss(source_model, target):
 
 def test_shot_improves_over_source_only(source_model, target, source_acc):
     res = dfkt.adapt(source_model, target, method="shot", epochs=6, **CPU)
-    assert res.acc >= source_acc + 5, (res.acc, source_acc)
+    assert res.acc >= source_acc + 10, (res.acc, source_acc)
     rec = res.history.last
     assert {"acc", "entropy", "im", "snd", "ce", "ent", "div"} <= set(rec)
 
 
 @pytest.mark.parametrize("method", ["nrc", "aad"])
 def test_neighbourhood_methods_improve(method, source_model, target, source_acc):
-    res = dfkt.adapt(source_model, target, method=method, epochs=6, lr=0.01, backbone_lr=1.0, K=3, **CPU)
-    assert res.acc >= source_acc + 3, (method, res.acc, source_acc)
+    # (at lr 3e-3 both collapse on this tiny target: predictions drift to uniform, as the head trains too)
+    res = dfkt.adapt(source_model, target, method=method, epochs=6, lr=0.001, backbone_lr=1.0, K=3, **CPU)
+    assert res.acc >= source_acc + 10, (method, res.acc, source_acc)
 
 
 def test_ccl_improves_over_source_only(source_model, target, source_acc):
     res = dfkt.adapt(source_model, target, method="ccl", epochs=6, **CPU)
-    assert res.acc >= source_acc + 5, (res.acc, source_acc)
+    assert res.acc >= source_acc + 10, (res.acc, source_acc)
 
 
 def test_nrc_resume_restores_memory_banks(source_model, target, tmp_path, monkeypatch):
     """Banks are tracked: a run killed after epoch 1 and resumed ends with the same weights."""
     from dfkt.sfda.nrc import NRC
 
-    kw = dict(method="nrc", epochs=2, lr=0.01, K=3, KK=2, **CPU)
+    kw = dict(method="nrc", epochs=2, lr=0.001, K=3, KK=2, **CPU)
     full = dfkt.adapt(source_model, target, **kw)
 
     class Killed(Exception):
@@ -244,7 +243,8 @@ def test_errors(source_model, target):
 
 # ----------------------------------------------------------------------------- object configs
 def test_shot_one_step_on_an_image_list(tmp_path: Path):
-    """SHOT through the image-list path with SHOT's object model (resnet50), 64x64 inputs, batch 4."""
+    """SHOT with the Office-31 config through the image-list path: SHOT's object model (ResNet + BN
+    bottleneck + WN head; resnet18 here for speed), 64x64 crops, batch 4, one step."""
     from dfkt.data import default_transforms
 
     rng = np.random.RandomState(0)
@@ -258,8 +258,10 @@ def test_shot_one_step_on_an_image_list(tmp_path: Path):
     te = default_transforms(False, size=72, crop=64)
     target = ImageList(tmp_path / "list.txt", transform=tr)
     target.eval_view = ImageList(tmp_path / "list.txt", transform=te)
+    from dfkt.models import object_net
+
     torch.manual_seed(0)
-    model = build_model("resnet50", num_classes=3)
+    model = object_net("resnet18", num_classes=3)   # resnet50 works the same, but is slow on shared CPUs
     before = _state(model)
     import yaml
 

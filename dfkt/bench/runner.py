@@ -5,6 +5,7 @@ run, and ``resume=True`` skips the runs already there), then ``report.md`` and p
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -162,7 +163,10 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
               override, progress: bool, out: Path) -> dict:
     if task.source is None or task.target is None:
         raise ConfigError(f"sfda task {task.name!r} needs `source` and `target` domains.")
-    model = cached_supervised(suite.source, task.source, seed, root, cache, device, suite.num_classes)
+    recipe = suite.source
+    if task.source_options:
+        recipe = dataclasses.replace(recipe, options={**recipe.options, **task.source_options})
+    model = cached_supervised(recipe, task.source, seed, root, cache, device, suite.num_classes)
     target = _domain(task.target, root)
     dev = resolve_device(device)
     ref = evaluate(model.to(dev), target, dev)["acc"]

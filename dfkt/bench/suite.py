@@ -56,6 +56,7 @@ class TaskSpec:
     target: Optional[DomainSpec] = None
     overrides: dict = field(default_factory=dict)      # method -> {options: {...}, train: {...}}
     methods: Optional[list[str]] = None                # restrict to these methods
+    source_options: dict = field(default_factory=dict)  # merged into the source recipe's options (SFDA)
 
 
 @dataclass

@@ -32,9 +32,10 @@ def batchnorm_layers(model: nn.Module, method: str | None = None) -> dict[str, n
     bns = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
     if not bns:
         who = f"method {method!r}" if method else "this method"
-        raise ModelError(f"{who} matches BatchNorm statistics, but the model "
-                         f"({type(model).__name__}) has no BatchNorm layers. Use a teacher with BatchNorm "
-                         f"(e.g. 'lenet5-bn') or a method that needs none (dafl, dfad, zskt, lopes).")
+        raise ModelError(f"{who} works on BatchNorm layers (their statistics or affine parameters), but the "
+                         f"model ({type(model).__name__}) has no BatchNorm layers. Use a model with BatchNorm (e.g. 'lenet5-bn', "
+                         f"'shot-lenet') or a method that needs none (SFDA: shot, shot-im, nrc, aad; "
+                         f"DFKD: dafl, dfad, zskt, lopes).")
     return bns
 
 
