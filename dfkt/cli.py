@@ -139,7 +139,8 @@ def cmd_bench(args) -> int:
     doc = run_suite(suite, out, seeds=args.seeds, quick=args.quick, data_root=args.data_root,
                     cache_dir=args.cache, device=args.device or "auto",
                     methods=args.methods.split(",") if args.methods else None, resume=args.resume,
-                    progress=not args.no_progress, command=command)
+                    progress=not args.no_progress, command=command,
+                    tasks=args.tasks.split(",") if args.tasks else None)
     from .bench.report import markdown, publish
 
     if args.publish:
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the suite's quick subset (a few minutes)")
     b.add_argument("--out", help="output folder (default bench-out/<suite>)")
     b.add_argument("--methods", help="comma-separated subset of methods")
+    b.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     b.add_argument("--cache", help="cache folder for source models/teachers (default <out>/cache)")
     b.add_argument("--resume", action="store_true", help="skip runs already in <out>/results.json")
     b.add_argument("--publish", action="store_true",

@@ -25,7 +25,7 @@ from ..core.checkpoint import load_model, save_model
 from ..core.device import resolve_device
 from ..core.evaluate import evaluate
 from ..data import get_domain
-from ..errors import ConfigError
+from ..errors import ConfigError, suggest
 from ..models import build_model
 from .suite import DomainSpec, MethodRun, ModelRecipe, Suite, TaskSpec
 
@@ -95,7 +95,8 @@ def _merge(run: MethodRun, override: dict | None) -> tuple[dict, dict]:
     return opts, train
 
 
-def _selected(suite: Suite, quick: bool, methods: Optional[list[str]]) -> tuple[list[TaskSpec], list[str], int]:
+def _selected(suite: Suite, quick: bool, methods: Optional[list[str]],
+              task_names: Optional[list[str]] = None) -> tuple[list[TaskSpec], list[str], int]:
     tasks = suite.tasks
     names = list(suite.methods)
     seeds = suite.seeds
@@ -109,26 +110,36 @@ def _selected(suite: Suite, quick: bool, methods: Optional[list[str]]) -> tuple[
             if m not in suite.methods:
                 raise ConfigError(f"method {m!r} is not in suite {suite.suite!r}; it has {', '.join(suite.methods)}.")
         names = list(methods)
+    if task_names:
+        known = [t.name for t in suite.tasks]
+        for t in task_names:
+            if t not in known:
+                raise ConfigError(f"task {t!r} is not in suite {suite.suite!r}.{suggest(t, known)} "
+                                  f"Tasks: {', '.join(known)}.")
+        tasks = [t for t in suite.tasks if t.name in task_names]
     return tasks, names, seeds
 
 
 def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick: bool = False,
               data_root: Optional[str] = None, cache_dir: Optional[str] = None, device: str = "auto",
               methods: Optional[list[str]] = None, resume: bool = False, progress: bool = True,
-              command: str = "") -> dict:
+              command: str = "", tasks: Optional[list[str]] = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    tasks, names, n_seeds = _selected(suite, quick, methods)
+    tasks, names, n_seeds = _selected(suite, quick, methods, tasks)
     n_seeds = seeds or n_seeds
     results_path = out / "results.json"
     records: list[dict] = []
+    commands = [command] if command else []
     if resume and results_path.exists():
-        records = json.loads(results_path.read_text()).get("records", [])
+        prev = json.loads(results_path.read_text())
+        records = prev.get("records", [])
+        commands = [c for c in prev.get("command", "").split(" && ") if c] + commands
     done = {(r["task_name"], r["method"], r["seed"]) for r in records}
-    doc = {"suite": suite.suite, "command": command, "quick": quick, "env": env_info(dev), "records": records}
+    doc = {"suite": suite.suite, "command": " && ".join(commands), "quick": quick, "env": env_info(dev), "records": records}
     t_suite = time.perf_counter()
     for task in tasks:
         for seed in range(n_seeds):
