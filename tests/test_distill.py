@@ -13,7 +13,6 @@ import yaml
 import dfkt
 from dfkt.api import split_options
 from dfkt.core.context import Context, TrainConfig
-from dfkt.core.loop import fit
 from dfkt.data import get_domain
 from dfkt.distill import DataPool, Generator
 from dfkt.distill.lopes import record_metadata
@@ -288,3 +287,23 @@ def test_one_step_resnet34_to_resnet18():
     res = dfkt.distill(t, s, method="fast", input_shape=(3, 32, 32), num_classes=10, **CIFAR_TINY, g_steps=1,
                        kd_steps=1)
     assert res.history.last["step"] == 1 and "kd" in res.history.last
+
+
+def test_mnist_suite_is_valid():
+    from dfkt.bench.suite import load_suite
+
+    suite = load_suite(str(ROOT / "benchmarks" / "dfkd-mnist.yaml"))
+    suite.validate()
+    assert suite.task == "dfkd" and suite.seeds == 3 and set(METHODS) == set(suite.methods)
+    for name, run in suite.methods.items():
+        split_options(get_method(name, task="dfkd"), run.options, run.train)
+        needs_bn = get_method(name, task="dfkd").needs_teacher_bn
+        assert (suite.teachers[run.teacher].model == "lenet5-bn") == needs_bn
+        assert run.train["time_budget_s"] <= 360
+    assert len(suite.quick.methods) == 2 and suite.quick.seeds == 1
+
+
+def test_lopes_metadata_from_domain_spec(teachers, digits):
+    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="lopes", input_shape=(1, 32, 32),
+                       metadata={"domain": "digits", "split": "train", "size": 32}, inv_steps=2, **TINY)
+    assert "match" in res.history.last

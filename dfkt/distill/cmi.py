@@ -87,12 +87,12 @@ class CMI(GeneratorMethod):
 
     def synthesize_batch(self):
         o = self.opts
-        gen = self.build_generator().train()          # from scratch each time
+        gen = self.build_generator(self.ctx.num_classes if o.conditional else 0).train()   # from scratch
         z = self.z().requires_grad_()
         opt = torch.optim.Adam([{"params": gen.parameters()}, {"params": [z]}], lr=o.g_lr, betas=(0.5, 0.999))
         y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
         for _ in range(o.g_steps):
-            x = gen(z)
+            x = gen(z, y)
             with self.ctx.autocast():
                 with FeatureRecorder(self.teacher, [self.feat_name], inputs=True) as rec:
                     loss, t_logits, terms = self.objective(x, y, self.student)
@@ -112,7 +112,7 @@ class CMI(GeneratorMethod):
         self.state["bank_n"] = min(self.bank.shape[0], self.state["bank_n"] + n)
         self.last_generator = gen
         with torch.no_grad():
-            x = gen(z)
+            x = gen(z, y)
             t_logits = self.teacher(x).float()
         return x, t_logits, terms
 

@@ -75,6 +75,7 @@ class GeneratorOptions(DistillOptions):
     g_out: Literal["bn", "tanh", "affine"] = "bn"
     g_lr: float = 1e-3                   # generator Adam lr
     g_steps: int = 1                     # generator steps per iteration
+    g_schedule: bool = False             # the generator lr follows the student's schedule (DFAD decays both)
 
     def validate(self) -> None:
         super().validate()
@@ -184,7 +185,9 @@ class FeatureTransfer(nn.Module):
                 conv = a.dim() == 4 and b.dim() == 4
                 self.adapters.append(FitNetHint(a.shape[1], b.shape[1], conv=conv))
 
-    def record(self, net: nn.Module, x: torch.Tensor, student: bool, grad: bool = True) -> list[torch.Tensor]:
+    def record(self, net: nn.Module, x: torch.Tensor, student: bool, grad: bool = True,
+               forward: nn.Module | None = None) -> list[torch.Tensor]:
+        """Run ``forward`` (default ``net``; e.g. its DDP wrapper) on ``x``, hooks on ``net``'s modules."""
         names = self.s_names if student else self.t_names
         pen = self.s_pen if student else self.t_pen
         plain = [n for n in names if n != PENULTIMATE]
@@ -193,7 +196,7 @@ class FeatureTransfer(nn.Module):
         if not grad:
             net.eval()
         with ctx, FeatureRecorder(net, plain) as rec, FeatureRecorder(net, [pen] if pen else [], inputs=True) as prec:
-            logits = net(x)
+            logits = (forward or net)(x)
         net.train(was)
         self.last_logits = logits
         return [prec[pen] if n == PENULTIMATE else rec[n] for n in names]
@@ -263,8 +266,8 @@ class DistillMethod(Method):
                 pairs = [(n, n) for n in names]
             else:
                 pairs = [(PENULTIMATE, PENULTIMATE)]
-            self.features = FeatureTransfer(o.feature_loss, pairs, ctx.learner, self.teacher,
-                                            ctx.input_shape).to(self.device)
+            self.features = self.track("features", FeatureTransfer(o.feature_loss, pairs, ctx.learner, self.teacher,
+                                                                   ctx.input_shape).to(self.device))
         params = list(ctx.learner.parameters()) + (list(self.features.parameters()) if self.features else [])
         self.s_opt = self.track("student_opt", torch.optim.SGD(params, lr=tc.lr, momentum=o.momentum,
                                                                weight_decay=tc.weight_decay, nesterov=o.momentum > 0))
@@ -332,7 +335,7 @@ class DistillMethod(Method):
             if self.features is not None:
                 ft = self.features.record(self.teacher, x, student=False, grad=False)
                 t_logits = self.features.last_logits
-                fs = self.features.record(self.student, x, student=True)
+                fs = self.features.record(ctx.learner, x, student=True, forward=self.student)
                 s_logits = self.features.last_logits
                 feat = self.features.loss(fs, ft) * o.feature_weight
             else:
@@ -352,6 +355,8 @@ class DistillMethod(Method):
 
     # -- the loop's protocol -------------------------------------------------------------------
     def batches(self):
+        if self.t_start is None:
+            self.t_start = time.perf_counter()
         self.ctx.learner.train()
         for _ in range(self.ctx.train.iters_per_epoch):
             yield Batch(x=torch.empty(0, device=self.device))
@@ -406,6 +411,10 @@ class GeneratorMethod(DistillMethod):
         return self.student(x)
 
     def g_optimize(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], opt=None) -> bool:
+        if self.opts.g_schedule and opt is None:
+            factor = self.lr_factor(self.progress())
+            for g in self.g_opt.param_groups:
+                g["lr"] = self.opts.g_lr * factor
         ok = self.synth_optimize(loss, opt or self.g_opt, terms)
         # gradients reaching the (frozen) student during the generator step are discarded
         self.s_opt.zero_grad(set_to_none=True)
@@ -450,6 +459,8 @@ class BNSynthOptions(GeneratorOptions):
     bn_mmt: float = 0.0        # Fast: momentum over the synthetic batch statistics (0 = this batch only)
     oh: float = 1.0            # CE of the teacher against the sampled target labels
     adv: float = 1.0           # adversarial term (see adversarial_kl)
+    conditional: bool = True   # the generator also sees the sampled label (a class embedding scales z);
+    #                            the published generators see z only, which needs far more steps
     balance: float = 0.0       # DAFL's class-balance term
     temperature: float = 20.0  # KD temperature (CMI/Fast use T=20)
 

@@ -25,6 +25,7 @@ class DFADOptions(GeneratorOptions):
     kd_steps: int = 5
     nz: int = 256
     gen_loss: Literal["l1", "log"] = "l1"
+    g_schedule: bool = True      # the official code decays the generator's lr with the student's
 
 
 @register("dfad", task="dfkd")

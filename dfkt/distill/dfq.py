@@ -19,6 +19,7 @@ from .common import BNObjective, BNSynthOptions, GeneratorMethod, balanced_label
 @dataclass
 class DFQOptions(BNSynthOptions):
     kd_steps: int = 5
+    conditional: bool = False   # DFQ's one-hot term is against the teacher's own argmax
 
 
 @register("dfq", task="dfkd")
@@ -29,15 +30,19 @@ class DFQ(GeneratorMethod):
     needs_teacher_bn = True
     defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
 
+    def build_generator(self, num_classes: int = 0):
+        return super().build_generator(self.ctx.num_classes if self.opts.conditional else 0)
+
     def build(self) -> None:
         super().build()
         self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))
 
     def synthesize_batch(self):
         self.generator.train()
-        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
-        for _ in range(self.opts.g_steps):
-            x = self.generator(self.z())
+        o = self.opts
+        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng) if o.conditional else None
+        for _ in range(o.g_steps):
+            x = self.generator(self.z(), y)
             with self.ctx.autocast():
                 loss, t_logits, terms = self.objective(x, y, self.student)
             self.g_optimize(loss, terms)
@@ -47,5 +52,7 @@ class DFQ(GeneratorMethod):
         if self.pool is not None:
             return super().student_batch(x, t_logits)
         with torch.no_grad():                      # a fresh generator batch per student step
-            x = self.generator(self.z())
+            y = (balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
+                 if self.opts.conditional else None)
+            x = self.generator(self.z(), y)
             return x, self.teacher(x)

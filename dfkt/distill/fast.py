@@ -65,6 +65,9 @@ class Fast(GeneratorMethod):
     needs_teacher_bn = True
     defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
 
+    def build_generator(self, num_classes: int = 0):
+        return super().build_generator(self.ctx.num_classes if self.opts.conditional else 0)
+
     def build(self) -> None:
         super().build()
         self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))
@@ -75,14 +78,14 @@ class Fast(GeneratorMethod):
         if o.reset_l0:
             fast.reset_first_layer()
         z = self.z().requires_grad_()
+        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
         inner = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": o.z_lr}], lr=o.g_lr,
                                  betas=(0.5, 0.999))
         opt = _MetaAccumulating(inner, fast, self.generator)
-        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
         adv_on = self.ctx.epoch >= o.warmup
         self.g_opt.zero_grad(set_to_none=True)
         for _ in range(o.g_steps):
-            x = fast(z)
+            x = fast(z, y)
             with self.ctx.autocast():
                 loss, t_logits, terms = self.objective(x, y, self.student if adv_on else None)
             self.g_optimize(loss, terms, opt)
@@ -90,9 +93,15 @@ class Fast(GeneratorMethod):
         self.g_opt.zero_grad(set_to_none=True)
         self.objective.commit()
         with torch.no_grad():                      # the last inner step improved the batch: use it
-            x = fast(z)
+            x = fast(z, y)
             t_logits = self.teacher(x).float()
         return x, t_logits, terms
+
+    @torch.no_grad()
+    def synthesize(self, n: int) -> torch.Tensor:
+        g = copy.deepcopy(self.generator).train()
+        y = balanced_labels(n, self.ctx.num_classes, self.device, self.ctx.rng)
+        return torch.cat([g(self.z(min(256, n - i)), y[i:i + 256]) for i in range(0, n, 256)])[:n]
 
     def step(self, batch):
         if self.ctx.epoch < self.opts.warmup:

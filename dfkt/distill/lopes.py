@@ -132,7 +132,6 @@ class LopesOptions(DistillOptions):
     init_std: float = 1.0
     pool_batches: int = 20
     kd_steps: int = 5
-    temperature: float = 4.0
 
 
 @register("lopes", task="dfkd")
