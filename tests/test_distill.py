@@ -92,24 +92,36 @@ def test_method_runs_end_to_end(method, teachers, digits, metadata):
 
 
 def test_best_method_reaches_floor(teachers, digits):
-    """The recommended recipe (DeepInversion on a persistent pixel pool, BN teacher) learns in seconds."""
-    t = teachers["lenet5-bn"]
-    res = dfkt.distill(t, build_model("lenet5-half"), method="deepinversion", input_shape=(1, 32, 32),
-                       eval_data=digits[1], epochs=4, iters_per_epoch=25, batch_size=64, pixels=512,
-                       inv_steps=2, kd_steps=2, progress=False, seed=0)
-    assert res.acc >= 70.0, f"student {res.acc:.1f}% (teacher {t.acc:.1f}%)"
+    """DAFL with a small generator and a replay pool learns the digits from no data in seconds."""
+    t = teachers["lenet5"]
+    res = dfkt.distill(t, build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
+                       eval_data=digits[1], epochs=4, iters_per_epoch=25, batch_size=64, pool_batches=50,
+                       kd_steps=4, progress=False, seed=0)
+    # measured ~91 % (teacher ~99 %); the floor leaves room for BLAS/thread differences
+    assert res.acc >= 80.0, f"student {res.acc:.1f}% (teacher {t.acc:.1f}%)"
+    first = res.history.records[0]["acc"]
+    assert res.acc > first - 1.0
 
 
 def test_losses_decrease(teachers, digits):
-    """DAFL's generator drives the teacher's one-hot loss down; DFAD's student drives the L1 gap down."""
+    """DAFL's generator makes confident, balanced samples; DFAD's student closes the L1 gap."""
     res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
                        epochs=3, iters_per_epoch=15, batch_size=32, g_lr=0.01, progress=False)
     r = res.history.records
-    assert r[-1]["oh"] < r[0]["oh"] and r[-1]["ie"] <= r[0]["ie"] + 0.05
-    res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dfad", input_shape=(1, 32, 32),
+    # the teacher is confident on the samples (one-hot CE << log 10) and their classes are balanced
+    # (information-entropy loss near its minimum -log 10 = -2.30)
+    assert r[-1]["oh"] < 0.5 and r[-1]["ie"] < -1.9, r[-1]   # a single class would give 0
+    # the adversarial game keeps DFAD's running loss up, so compare the student's teacher gap on the
+    # generator's final samples before and after training
+    torch.manual_seed(0)
+    student0 = build_model("lenet5-half")
+    res = dfkt.distill(teachers["lenet5"], student0, method="dfad", input_shape=(1, 32, 32),
                        epochs=3, iters_per_epoch=10, batch_size=32, kd_steps=3, progress=False)
-    r = res.history.records
-    assert r[-1]["kd"] < r[0]["kd"]
+    x = res.synthesize(256)
+    with torch.no_grad():
+        t_logits = teachers["lenet5"].eval()(x)
+        gap = lambda m: (m.eval()(x) - t_logits).abs().mean()  # noqa: E731
+        assert gap(res.model) < 0.5 * gap(student0)
 
 
 def test_deepinversion_bn_loss_decreases(teachers):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.context import StepGuard
+from ..core import distributed as dist
 from ..core.hooks import FeatureRecorder, named_modules
 from ..core.losses import FEATURE_LOSSES, FitNetHint, kd_kl, logit_l1
 from ..core.method import Batch, Method, freeze
@@ -234,9 +235,11 @@ class HostState(dict):
 
 
 def balanced_labels(n: int, num_classes: int, device, g: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` labels covering the classes as evenly as possible, in random order."""
-    y = torch.arange(n) % num_classes
-    return y[torch.randperm(n, generator=g)].to(device)
+    """``n`` labels (this rank's part of a global batch of ``n * world_size``) covering the classes as
+    evenly as possible, in random order."""
+    total = n * dist.world_size()
+    y = torch.arange(total) % num_classes
+    return dist.shard(y[torch.randperm(total, generator=g)]).to(device)
 
 
 class DistillMethod(Method):
@@ -395,11 +398,15 @@ class GeneratorMethod(DistillMethod):
 
     def build(self) -> None:
         self.generator = self.track("generator", self.build_generator())
+        # trained through DDP under torchrun: global gradients and BatchNorm statistics
+        self.gen = self.ctx.ddp(self.generator)
         self.g_opt = self.track("generator_opt", torch.optim.Adam(self.generator.parameters(), lr=self.opts.g_lr,
                                                                   betas=(0.5, 0.999)))
 
     def z(self, n: int | None = None) -> torch.Tensor:
-        return sample_z(n or self.synth_bs, self.opts.nz, self.device, self.ctx.rng)
+        """This rank's part of a global batch of latent codes (the same draw as one process would make)."""
+        n = n or self.synth_bs
+        return dist.shard(sample_z(n * dist.world_size(), self.opts.nz, self.device, self.ctx.rng))
 
     @torch.no_grad()
     def synthesize(self, n: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ class DAFL(GeneratorMethod):
     def synthesize_batch(self):
         o = self.opts
         self.generator.train()
-        x = self.generator(self.z())
+        x = self.gen(self.z())
         with self.ctx.autocast():
             t_logits, t = dafl_terms(self.teacher, x, o)
         loss = o.oh * t["oh"] + o.act * t["act"] + o.ie * t["ie"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..core.hooks import BNStatsRecorder
 from ..core.losses import total_variation
 from ..registry import register
+from ..core import distributed as dist
 from .common import DistillMethod, DistillOptions, balanced_labels, eval_mode, manual_guard, no_param_grad
 
 
@@ -174,7 +175,8 @@ class DeepInversion(DistillMethod):
 
     def student_batch(self, x, t_logits):
         if self.opts.pixels:
-            j = torch.randint(0, max(1, self.state["px_filled"]), (self.ctx.batch_per_rank,), generator=self.ctx.rng).to(self.device)
+            j = dist.shard(torch.randint(0, max(1, self.state["px_filled"]), (self.ctx.batch_per_rank * dist.world_size(),),
+                                         generator=self.ctx.rng)).to(self.device)
             return self.px[j], self.px_t[j]
         return super().student_batch(x, t_logits)
 

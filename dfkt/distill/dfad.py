@@ -38,7 +38,7 @@ class DFAD(GeneratorMethod):
     def synthesize_batch(self):
         o = self.opts
         self.generator.train()
-        x = self.generator(self.z())
+        x = self.gen(self.z())
         with self.ctx.autocast(), no_param_grad(self.ctx.learner):
             with torch.no_grad():
                 t_logits = self.teacher(x)
@@ -52,5 +52,5 @@ class DFAD(GeneratorMethod):
         if self.pool is not None:
             return super().student_batch(x, t_logits)
         with torch.no_grad():                     # the official recipe: a fresh batch per student step
-            x = self.generator(self.z())
+            x = self.gen(self.z())
             return x, self.teacher(x)

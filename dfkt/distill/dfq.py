@@ -42,7 +42,7 @@ class DFQ(GeneratorMethod):
         o = self.opts
         y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng) if o.conditional else None
         for _ in range(o.g_steps):
-            x = self.generator(self.z(), y)
+            x = self.gen(self.z(), y)
             with self.ctx.autocast():
                 loss, t_logits, terms = self.objective(x, y, self.student)
             self.g_optimize(loss, terms)
@@ -54,5 +54,5 @@ class DFQ(GeneratorMethod):
         with torch.no_grad():                      # a fresh generator batch per student step
             y = (balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
                  if self.opts.conditional else None)
-            x = self.generator(self.z(), y)
+            x = self.gen(self.z(), y)
             return x, self.teacher(x)

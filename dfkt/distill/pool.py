@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core import distributed as dist
+
 
 class DataPool:
     """Fixed-capacity ring buffer of (x, teacher logits); ``sample`` draws uniformly from what is filled."""
@@ -39,7 +41,7 @@ class DataPool:
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.size == 0:
             raise RuntimeError("the data pool is empty: add a synthesized batch first")
-        idx = torch.randint(0, self.size, (n,), generator=generator).to(self.x.device)
+        idx = dist.shard(torch.randint(0, self.size, (n * dist.world_size(),), generator=generator)).to(self.x.device)
         return self.x[idx], self.logits[idx]
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ class RDSKD(GeneratorMethod):
         o = self.opts
         self.generator.train()
         z = self.z()
-        x = self.generator(z)
+        x = self.gen(z)
         with self.ctx.autocast():
             t_logits, t = dafl_terms(self.teacher, x, o)
         h = x.shape[0] // 2

@@ -35,7 +35,7 @@ class ZSKT(GeneratorMethod):
     def synthesize_batch(self):
         self.generator.train()
         for _ in range(self.opts.g_steps):
-            x = self.generator(self.z())
+            x = self.gen(self.z())
             with self.ctx.autocast(), no_param_grad(self.ctx.learner):
                 with torch.no_grad():
                     t_logits = self.teacher(x)
