@@ -213,6 +213,9 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     student = build_model(student_name, num_classes=suite.num_classes, **run.student_kwargs)
     opts, train = _merge(run, override)
     train.setdefault("progress", progress)
+    for k, v in opts.items():   # data specs in options (e.g. lopes' metadata) read the suite's data root
+        if isinstance(v, dict) and "domain" in v and root is not None:
+            opts[k] = {**v, "root": v.get("root", root)}
     res = api.distill(teacher, student, method=name, input_shape=tuple(suite.input_shape), eval_data=test,
                       seed=seed, device=device, train=train, **opts)
     rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,

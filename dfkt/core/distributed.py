@@ -123,15 +123,15 @@ class _GlobalBatchNorm:
 
 
 class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
-    pass
+    """nn.BatchNorm1d normalising over the global batch under torchrun."""
 
 
 class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
-    pass
+    """nn.BatchNorm2d normalising over the global batch under torchrun."""
 
 
 class GlobalBatchNorm3d(_GlobalBatchNorm, nn.BatchNorm3d):
-    pass
+    """nn.BatchNorm3d normalising over the global batch under torchrun."""
 
 
 _GLOBAL_BN = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm3d: GlobalBatchNorm3d}

@@ -24,4 +24,4 @@ class ShotIM(Shot):
     needs_index = False
 
     def epoch_begin(self, epoch: int) -> None:
-        pass
+        """No pseudo-labels, so nothing to refresh."""
