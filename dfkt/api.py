@@ -179,7 +179,7 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
                          f"{head_classes}; SFDA here assumes the same label space (closed set).")
     ctx = Context(learner=learner, teacher=_frozen_copy(model, device), train=tc, device=device,
                   num_classes=head_classes, input_shape=shape, target=target, rng=rng)
-    scored = eval_data if eval_data is not None else target
+    scored = eval_data if eval_data is not None else getattr(target, "eval_view", target)
 
     def eval_fn(m: nn.Module) -> dict:
         return evaluate(m, scored, device, label_free=True)

@@ -105,10 +105,16 @@ class DataRef:
                 raise ConfigError("data.torchvision needs `root` (or --data-root / DFKT_DATA).")
             return D.torchvision_dataset(self.torchvision, root, train=self.train, download=self.download,
                                          size=self.size)
-        tf = D.default_transforms(self.train, size=self.resize, crop=self.crop)
-        if self.image_list:
-            return D.ImageList(self.image_list, root=self.root, transform=tf, num_classes=self.num_classes)
-        return D.ImageFolder(self.image_folder, transform=tf)
+        def make(train: bool):
+            tf = D.default_transforms(train, size=self.resize, crop=self.crop)
+            if self.image_list:
+                return D.ImageList(self.image_list, root=self.root, transform=tf, num_classes=self.num_classes)
+            return D.ImageFolder(self.image_folder, transform=tf)
+
+        ds = make(self.train)
+        if self.train:  # training transforms; passes that score or pseudo-label use the test ones
+            ds.eval_view = make(False)
+        return ds
 
 
 @dataclass

@@ -53,3 +53,35 @@ def test_cli_errors_are_one_line_not_tracebacks(examples, capsys):
     assert "error:" in err and "not found" in err and "Traceback" not in err
     assert main(["adapt", str(examples / "shot-digits.yaml"), "--set", "method=shoot"]) == 2
     assert "Did you mean 'shot'" in capsys.readouterr().err
+
+
+def test_shipped_run_configs_parse():
+    from dfkt.config import load_yaml
+    from dfkt.runconfig import parse
+
+    root = EXAMPLES.parent
+    kinds = {"sfda": "adapt", "dfkd": "distill"}
+    for sub, kind in kinds.items():
+        files = sorted((root / sub).glob("*.yaml"))
+        assert files, sub
+        for f in files:
+            cfg = parse(kind, load_yaml(f))
+            assert cfg.method in dfkt.list_methods(), f
+
+
+def test_image_list_target_gets_a_test_time_view(tmp_path):
+    from PIL import Image
+
+    from dfkt.runconfig import DataRef
+
+    lines = []
+    for i in range(4):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png {i % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    ds = DataRef(image_list=str(tmp_path / "list.txt"), train=True, resize=36, crop=32).build()
+    x, y, idx = ds[1]
+    assert x.shape == (3, 32, 32) and y == 1 and idx == 1
+    assert ds.eval_view is not None and len(ds.eval_view) == 4
+    a, b = ds.eval_view[2][0], ds.eval_view[2][0]
+    assert torch.equal(a, b)   # the test-time view is deterministic (centre crop, no flip)
