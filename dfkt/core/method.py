@@ -8,6 +8,7 @@ restored from resume checkpoints.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -34,7 +35,7 @@ class NoOptions:
     """A method without options of its own."""
 
 
-class Method:
+class Method(abc.ABC):
     name: ClassVar[str] = "?"
     task: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
@@ -55,11 +56,13 @@ class Method:
     def epoch_begin(self, epoch: int) -> None:
         """Per-epoch reconstruction refresh (re-cluster pseudo-labels, rebuild a pool...)."""
 
+    @abc.abstractmethod
     def batches(self) -> Iterator[Batch]:
-        raise NotImplementedError
+        """Yield the epoch's batches (the reconstructor)."""
 
+    @abc.abstractmethod
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One optimisation step on ``batch``; returns the named loss terms (detached tensors)."""
 
     def model(self) -> nn.Module:
         """The trained model to evaluate and deploy."""

@@ -15,6 +15,7 @@ unaffected, but a time-limited run is then not bit-reproducible.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
@@ -364,8 +365,9 @@ class DistillMethod(Method):
         for _ in range(self.ctx.train.iters_per_epoch):
             yield Batch(x=torch.empty(0, device=self.device))
 
+    @abc.abstractmethod
     def synthesize_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """One synthesis step: (inputs, teacher logits, named terms)."""
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, t_logits, terms = self.synthesize_batch()
@@ -379,10 +381,9 @@ class DistillMethod(Method):
         terms.update({k: v / self.opts.kd_steps for k, v in sums.items()})
         return terms
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def synthesize(self, n: int) -> torch.Tensor:
         """``n`` synthesized images in input space (for grids), on the device."""
-        raise NotImplementedError
 
 
 class GeneratorMethod(DistillMethod):
