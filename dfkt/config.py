@@ -31,6 +31,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (with the few safe coercions YAML needs)."""
     origin = get_origin(tp)
@@ -87,11 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads '1e-3' as a string
-            except ValueError:
-                pass
+        if isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads '1e-3' as a string
         raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__}).")
     if tp is str:
         if isinstance(value, str):

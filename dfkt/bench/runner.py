@@ -44,12 +44,9 @@ def env_info(device: torch.device) -> dict:
             "world_size": dist.world_size()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import faiss
+    import faiss
 
-        info["faiss"] = faiss.__version__
-    except Exception:  # pragma: no cover - faiss is a dependency
-        pass
+    info["faiss"] = faiss.__version__
     return info
 
 

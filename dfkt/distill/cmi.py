@@ -118,7 +118,4 @@ class CMI(GeneratorMethod):
 
     @torch.no_grad()
     def synthesize(self, n: int) -> torch.Tensor:
-        if self.pool is not None and len(self.pool):
-            return self.pool.all()[0][:n].clone()
-        with torch.enable_grad():
-            return torch.cat([self.synthesize_batch()[0] for _ in range(-(-n // self.synth_bs))])[:n]
+        return self.synthesize_from_pool(n)

@@ -385,6 +385,14 @@ class DistillMethod(Method):
     def synthesize(self, n: int) -> torch.Tensor:
         """``n`` synthesized images in input space (for grids), on the device."""
 
+    @torch.no_grad()
+    def synthesize_from_pool(self, n: int) -> torch.Tensor:
+        """The first ``n`` pool images, or fresh ``synthesize_batch()`` output when there is no pool."""
+        if self.pool is not None and len(self.pool):
+            return self.pool.all()[0][:n].clone()
+        with torch.enable_grad():
+            return torch.cat([self.synthesize_batch()[0] for _ in range(-(-n // self.synth_bs))])[:n]
+
 
 class GeneratorMethod(DistillMethod):
     """A DFKD method whose synthesizer is a generator trained against the teacher (and student)."""
@@ -536,3 +544,16 @@ class BNObjective:
             loss = loss + o.balance * bal
             terms["balance"] = bal.detach()
         return loss, t_logits, terms
+
+
+class BNGeneratorMethod(GeneratorMethod):
+    """A generator trained against the teacher's BatchNorm statistics (DFQ, Fast), optionally conditional."""
+
+    needs_teacher_bn = True
+
+    def build_generator(self, num_classes: int = 0):
+        return super().build_generator(self.ctx.num_classes if self.opts.conditional else 0)
+
+    def build(self) -> None:
+        super().build()
+        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))

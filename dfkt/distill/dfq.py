@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .common import BNObjective, BNSynthOptions, GeneratorMethod, balanced_labels
+from .common import BNSynthOptions, BNGeneratorMethod, balanced_labels
 
 
 @dataclass
@@ -23,19 +23,11 @@ class DFQOptions(BNSynthOptions):
 
 
 @register("dfq", task="dfkd")
-class DFQ(GeneratorMethod):
+class DFQ(BNGeneratorMethod):
     """DFQ (Choi et al., 2020): generator with BN-statistics, one-hot and adversarial losses; KD on its samples."""
 
     Options = DFQOptions
-    needs_teacher_bn = True
     defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
-
-    def build_generator(self, num_classes: int = 0):
-        return super().build_generator(self.ctx.num_classes if self.opts.conditional else 0)
-
-    def build(self) -> None:
-        super().build()
-        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))
 
     def synthesize_batch(self):
         self.generator.train()

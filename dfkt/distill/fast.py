@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .common import BNObjective, BNSynthOptions, GeneratorMethod, balanced_labels
+from .common import BNSynthOptions, BNGeneratorMethod, balanced_labels
 
 
 @dataclass
@@ -58,19 +58,11 @@ class _MetaAccumulating:
 
 
 @register("fast", task="dfkd")
-class Fast(GeneratorMethod):
+class Fast(BNGeneratorMethod):
     """Fast (Fang et al., AAAI 2022): meta-learned generator initialisation, few synthesis steps, data pool."""
 
     Options = FastOptions
-    needs_teacher_bn = True
     defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
-
-    def build_generator(self, num_classes: int = 0):
-        return super().build_generator(self.ctx.num_classes if self.opts.conditional else 0)
-
-    def build(self) -> None:
-        super().build()
-        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, self.opts, self.name))
 
     def synthesize_batch(self):
         o = self.opts

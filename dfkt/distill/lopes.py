@@ -182,7 +182,4 @@ class Lopes(DistillMethod):
 
     @torch.no_grad()
     def synthesize(self, n: int) -> torch.Tensor:
-        if self.pool is not None and len(self.pool):
-            return self.pool.all()[0][:n].clone()
-        with torch.enable_grad():
-            return torch.cat([self.synthesize_batch()[0] for _ in range(-(-n // self.synth_bs))])[:n]
+        return self.synthesize_from_pool(n)
