@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
                     cache_dir=args.cache, device=args.device or "auto",
                     methods=args.methods.split(",") if args.methods else None, resume=args.resume,
                     progress=not args.no_progress, command=command,
-                    tasks=args.tasks.split(",") if args.tasks else None)
+                    tasks=args.tasks.split(",") if args.tasks else None, jobs=args.jobs)
     from .bench.report import markdown, publish
 
     if args.publish:
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     b.add_argument("--cache", help="cache folder for source models/teachers (default <out>/cache)")
     b.add_argument("--resume", action="store_true", help="skip runs already in <out>/results.json")
+    b.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, in worker processes sharing the torch threads (default 1)")
     b.add_argument("--publish", action="store_true",
                    help="also update this suite's section of benchmarks/RESULTS.md (+ benchmarks/results/)")
     common(b, config=False)

@@ -62,6 +62,25 @@ def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
     assert len(json.loads((out / "results.json").read_text())["records"]) == len(suite["methods"])
 
 
+def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):
+    """--jobs 2: runs go to 2 worker processes (1 torch thread each); the records match a sequential run."""
+    suite = {**SFDA_SUITE, "methods": {"source-only": {}, "tent": {"train": {"epochs": 1}},
+                                       "adabn": {}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, allow_unicode=True))
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(["bench", str(path), "--out", str(seq), "--no-progress", "-q"]) == 0
+    assert main(["bench", str(path), "--out", str(par), "--cache", str(seq / "cache"), "--no-progress", "-q",
+                 "--jobs", "2"]) == 0
+    a = {r["method"]: r for r in json.loads((seq / "results.json").read_text())["records"]}
+    b = {r["method"]: r for r in json.loads((par / "results.json").read_text())["records"]}
+    assert set(a) == set(b) == set(suite["methods"])
+    for m in a:
+        assert b[m]["acc"] == pytest.approx(a[m]["acc"], abs=1e-6), m
+        assert b[m]["torch_threads"] >= 1
+    assert (par / "report.md").exists()
+
+
 def test_bench_quick_and_unknown_suite(tmp_path, capsys):
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(SFDA_SUITE, allow_unicode=True))

@@ -208,6 +208,50 @@ def test_resume_restores_pool_and_generator(teachers, tmp_path, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_time_schedule_continues_after_resume(teachers, tmp_path, monkeypatch):
+    """With a time budget, the lr schedule follows the loop's training time; a resumed run must continue
+    from the time already spent (not restart the cosine at the top)."""
+    import types
+
+    import dfkt.core.context as context_mod
+    import dfkt.core.loop as loop_mod
+    from dfkt.core.checkpoint import read_checkpoint
+    from dfkt.distill.common import DistillMethod
+
+    ticks = {"t": 0.0}
+
+    def fake_clock():           # every reading of the training clock advances it by 1 s
+        ticks["t"] += 1.0
+        return ticks["t"]
+
+    clock = types.SimpleNamespace(perf_counter=fake_clock)
+    monkeypatch.setattr(loop_mod, "time", clock)
+    monkeypatch.setattr(context_mod, "time", clock)
+    kw = dict(method="dafl", input_shape=(1, 32, 32), batch_size=16, epochs=3, iters_per_epoch=2,
+              progress=False, seed=1, checkpoint_dir=str(tmp_path), time_budget_s=1e6)
+    seen: list[float] = []
+    real_progress = DistillMethod.progress
+
+    def spy(self):
+        seen.append(self.ctx.elapsed_s())
+        return real_progress(self)
+
+    def crash(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DistillMethod, "progress", spy)
+    monkeypatch.setattr(DistillMethod, "epoch_begin", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
+    spent = read_checkpoint(tmp_path / "resume.pt")["train_time_s"]
+    assert spent >= 4 and seen == sorted(seen)
+    monkeypatch.setattr(DistillMethod, "epoch_begin", lambda self, epoch: None)
+    seen.clear()
+    dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), resume=True, **kw)
+    assert seen[0] > spent, f"the resumed schedule restarted its clock ({seen[0]} s <= {spent} s already spent)"
+
+
 # ----------------------------------------------------------------------------- errors
 def test_class_count_mismatch(teachers):
     with pytest.raises(ModelError, match="classes"):

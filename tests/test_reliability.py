@@ -340,6 +340,22 @@ def test_step_guard_direct() -> None:
     assert torch.equal(p.detach(), torch.ones(2))
 
 
+def test_step_guard_counts_each_stream_on_its_own() -> None:
+    """Good student steps between failing generator steps must not reset the generator's count."""
+    ctx, opt = _tiny_ctx(max_bad=3)
+    gen = torch.nn.Linear(4, 4)
+    g_opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    x = torch.randn(5, 4)
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite synthesis steps, the last at step 2"):
+        for step in range(10):
+            ctx.step = step
+            bad = gen(x).sum() * float("nan")
+            assert ctx.optimize(bad, g_opt, {"g": bad.detach()}, stream="synthesis") is False
+            assert ctx.optimize(ctx.learner(x).pow(2).mean(), opt) is True
+            assert ctx.guard.in_a_row["main"] == 0 and ctx.guard.in_a_row["synthesis"] == step + 1
+    assert ctx.guard.skipped == 3 and ctx.guard.bad_in_a_row == 3
+
+
 def _nan_after(fn, n_good: int):
     calls = {"n": 0}
 

@@ -41,6 +41,19 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _threads_note(records: list[dict], env_threads) -> list[str]:
+    """A line naming each task's torch thread counts when some runs (kept by ``--resume``) were timed with
+    another count than the environment line's, or with an unrecorded one."""
+    by_task: dict[str, set] = defaultdict(set)
+    for r in records:
+        by_task[r["task_name"]].add(r.get("torch_threads"))
+    if all(ts == {env_threads} for ts in by_task.values()):
+        return []
+    parts = [f"{task}: {', '.join(str(t) if t is not None else 'not recorded' for t in sorted(ts, key=str))}"
+             for task, ts in by_task.items()]
+    return ["Torch threads the runs were timed with, per task (not all as above): " + "; ".join(parts) + "."]
+
+
 def markdown(doc: dict) -> str:
     rows = summarize(doc["records"])
     env = doc.get("env", {})
@@ -48,9 +61,12 @@ def markdown(doc: dict) -> str:
     if doc.get("command"):
         out += ["Command:", "", f"    {doc['command']}", ""]
     out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
-            f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}.",
-            f"Suite wall time: {doc.get('suite_wall_s', '?')} s (cached source models/teachers not counted in "
-            f"`time`).", ""]
+            f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}."]
+    out += _threads_note(doc["records"], env.get("torch_threads"))
+    total = sum(r.get("wall_s") or 0.0 for r in doc["records"])
+    out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command (runs kept by `--resume` are "
+            f"not re-timed); method time summed over all {len(doc['records'])} runs: {total:.1f} s (cached source "
+            f"models/teachers not counted in `time`).", ""]
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_task[r["task_name"]].append(r)

@@ -120,7 +120,12 @@ def _selected(suite: Suite, quick: bool, methods: Optional[list[str]],
 def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick: bool = False,
               data_root: Optional[str] = None, cache_dir: Optional[str] = None, device: str = "auto",
               methods: Optional[list[str]] = None, resume: bool = False, progress: bool = True,
-              command: str = "", tasks: Optional[list[str]] = None) -> dict:
+              command: str = "", tasks: Optional[list[str]] = None, jobs: int = 1) -> dict:
+    """Run the selected (task, method, seed) runs and write results.json, report.md and plots.
+
+    ``jobs > 1`` runs that many runs at a time in worker processes, each with
+    ``torch threads // jobs`` threads (source models/teachers are trained first, in this process);
+    the recorded ``torch_threads`` and wall times are those of the worker."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
@@ -137,7 +142,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
         commands = [c for c in prev.get("command", "").split(" && ") if c] + commands
     done = {(r["task_name"], r["method"], r["seed"]) for r in records}
     doc = {"suite": suite.suite, "command": " && ".join(commands), "quick": quick, "env": env_info(dev), "records": records}
-    t_suite = time.perf_counter()
+    pending = []
     for task in tasks:
         for seed in range(n_seeds):
             for name in names:
@@ -146,14 +151,27 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                 if (task.name, name, seed) in done:
                     continue
                 override = (suite.quick.overrides.get(name) if quick else None) or task.overrides.get(name)
-                rec = (_run_sfda if suite.task == "sfda" else _run_dfkd)(
-                    suite, task, name, seed, data_root, cache, device, override, progress, out)
-                rec.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev)})
-                records.append(rec)
-                log.info("%s | %s | seed %d: acc %.2f (ref %.2f) in %.1f s", task.name, name, seed, rec["acc"],
-                         rec["ref_acc"], rec["wall_s"])
-                if dist.is_main():
-                    results_path.write_text(json.dumps(doc, indent=1, default=str))
+                pending.append((task, name, seed, override))
+    t_suite = time.perf_counter()
+
+    def finish(rec: dict, task: TaskSpec, name: str, seed: int, threads: int) -> None:
+        rec.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev),
+                    "torch_threads": threads})   # timings depend on it
+        records.append(rec)
+        log.info("%s | %s | seed %d: acc %.2f (ref %.2f) in %.1f s", task.name, name, seed, rec["acc"],
+                 rec["ref_acc"], rec["wall_s"])
+        if dist.is_main():
+            results_path.write_text(json.dumps(doc, indent=1, default=str))
+
+    if jobs > 1 and len(pending) > 1:
+        if dist.is_dist():
+            raise ConfigError("--jobs > 1 runs several single-process runs side by side; under torchrun use "
+                              "--jobs 1 (each run is then distributed over the ranks).")
+        _run_parallel(suite, pending, jobs, data_root, cache, device, out, finish)
+    else:
+        for task, name, seed, override in pending:
+            rec = _run_one(suite, task, name, seed, data_root, cache, device, override, progress, out)
+            finish(rec, task, name, seed, torch.get_num_threads())
     doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
     if dist.is_main():
         results_path.write_text(json.dumps(doc, indent=1, default=str))
@@ -161,6 +179,52 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
 
         write_report(doc, out)
     return doc
+
+
+def _run_one(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Path, device: str, override,
+             progress: bool, out: Path) -> dict:
+    fn = _run_sfda if suite.task == "sfda" else _run_dfkd
+    return fn(suite, task, name, seed, root, cache, device, override, progress, out)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(args: tuple) -> tuple[dict, int]:
+    return _run_one(*args), torch.get_num_threads()
+
+
+def _source_recipe(suite: Suite, task: TaskSpec) -> ModelRecipe:
+    recipe = suite.source
+    if task.source_options:
+        recipe = dataclasses.replace(recipe, options={**recipe.options, **task.source_options})
+    return recipe
+
+
+def _run_parallel(suite: Suite, pending: list, jobs: int, root, cache: Path, device: str, out: Path,
+                  finish) -> None:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # train (or load) every cached source model / teacher here first: workers only read the cache
+    for task, name, seed, _ in pending:
+        if suite.task == "sfda":
+            cached_supervised(_source_recipe(suite, task), task.source, seed, root, cache, device, suite.num_classes)
+        else:
+            run = suite.methods[name]
+            recipe = suite.teachers[run.teacher or next(iter(suite.teachers))]
+            cached_supervised(recipe, task.source, 0, root, cache, device, suite.num_classes)
+    threads = max(1, torch.get_num_threads() // jobs)
+    log.info("running %d runs, %d at a time with %d torch thread(s) each", len(pending), jobs, threads)
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                initargs=(threads,)) as pool:
+        futures = {pool.submit(_worker_run, (suite, task, name, seed, root, cache, device, override, False, out)):
+                   (task, name, seed) for task, name, seed, override in pending}
+        for fut in cf.as_completed(futures):
+            task, name, seed = futures[fut]
+            rec, used = fut.result()
+            finish(rec, task, name, seed, used)
 
 
 def _history_curve(history) -> list[list[float]]:
@@ -171,10 +235,7 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
               override, progress: bool, out: Path) -> dict:
     if task.source is None or task.target is None:
         raise ConfigError(f"sfda task {task.name!r} needs `source` and `target` domains.")
-    recipe = suite.source
-    if task.source_options:
-        recipe = dataclasses.replace(recipe, options={**recipe.options, **task.source_options})
-    model = cached_supervised(recipe, task.source, seed, root, cache, device, suite.num_classes)
+    model = cached_supervised(_source_recipe(suite, task), task.source, seed, root, cache, device, suite.num_classes)
     target = _domain(task.target, root)
     dev = resolve_device(device)
     ref = evaluate(model.to(dev), target, dev)["acc"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -83,15 +84,24 @@ class StepGuard:
     """Backward + optimiser step with a NaN/inf guard (and a GradScaler for fp16 AMP).
 
     A step whose loss or gradients are not finite is skipped and logged with its loss terms; after
-    ``max_bad`` consecutive bad steps the run stops with :class:`NonFiniteError`.
+    ``max_bad`` consecutive bad steps *of one stream* the run stops with :class:`NonFiniteError`.
+    Streams name independent kinds of update (``'main'``: the learner; ``'synthesis'``: DFKD's
+    generator/pixel steps), so a good student step does not hide a generator that keeps failing.
     """
 
     def __init__(self, max_bad: int, scaler: "torch.amp.GradScaler | None" = None):
         self.max_bad, self.scaler = max_bad, scaler
-        self.bad_in_a_row, self.skipped = 0, 0
+        self.skipped = 0
+        self.in_a_row: dict[str, int] = {}
+
+    @property
+    def bad_in_a_row(self) -> int:
+        """The longest current run of consecutive bad steps over all streams."""
+        return max(self.in_a_row.values(), default=0)
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int,
-                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False) -> bool:
+                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False,
+                 stream: str = "main") -> bool:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
             self.scaler.scale(loss).backward(retain_graph=retain_graph)
@@ -106,24 +116,31 @@ class StepGuard:
         if ok:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
-                self.scaler.update()
             else:
                 optimizer.step()
-            self.bad_in_a_row = 0
-        else:
-            self.skipped += 1
-            self.bad_in_a_row += 1
-            report = _describe(loss, terms)
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row); %s",
-                        step, self.bad_in_a_row, report)
-            if self.scaler is not None:
-                self.scaler.update()
-            if self.bad_in_a_row >= self.max_bad:
-                raise NonFiniteError(
-                    f"{self.bad_in_a_row} consecutive non-finite steps, the last at step {step}: {report}. "
-                    f"Lower train.lr, check the inputs, or raise train.max_bad_steps.")
+        if self.scaler is not None:
+            self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return ok
+        return self.record(ok, loss, step, terms, stream)
+
+    def record(self, ok: bool, loss: torch.Tensor, step: int, terms: dict[str, torch.Tensor] | None = None,
+               stream: str = "main") -> bool:
+        """Count a step of ``stream`` as good or bad (for updates applied by hand); log, and stop after
+        ``max_bad`` consecutive bad ones. Returns ``ok``."""
+        if ok:
+            self.in_a_row[stream] = 0
+            return True
+        self.skipped += 1
+        n = self.in_a_row[stream] = self.in_a_row.get(stream, 0) + 1
+        what = "step" if stream == "main" else f"{stream} step"
+        report = _describe(loss, terms)
+        log.warning("step %d: non-finite loss or gradient, %s skipped (%d in a row); %s", step, what, n, report)
+        if n >= self.max_bad:
+            raise NonFiniteError(
+                f"{n} consecutive non-finite {what}s, the last at step {step}: {report}. "
+                f"Lower the lr{'' if stream == 'main' else ' of the ' + stream}, check the inputs, "
+                f"or raise train.max_bad_steps.")
+        return False
 
 
 @dataclass
@@ -141,6 +158,8 @@ class Context:
     step: int = 0
     epoch: int = 0
     steps_per_epoch: int = 1                # set by the method at setup (for lr schedules)
+    time_base: float = 0.0                  # training seconds of the finished epochs (restored on resume)
+    epoch_t0: Optional[float] = None        # perf_counter() at the start of the running epoch
     parts: Parts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,10 +179,17 @@ class Context:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def elapsed_s(self) -> float:
+        """Training time so far (evaluation excluded; the time before a resume included), as the
+        loop counts it against ``train.time_budget_s``."""
+        running = time.perf_counter() - self.epoch_t0 if self.epoch_t0 is not None else 0.0
+        return self.time_base + running
+
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False) -> bool:
-        """Backward, guard against NaN/inf, step and zero the gradients."""
-        return self.guard(loss, optimizer, self.step, terms, retain_graph)
+                 terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False,
+                 stream: str = "main") -> bool:
+        """Backward, guard against NaN/inf, step and zero the gradients (``stream``: see StepGuard)."""
+        return self.guard(loss, optimizer, self.step, terms, retain_graph, stream)
 
     def loader(self, dataset, shuffle: bool = True, drop_last: bool = False, batch_size: int | None = None,
                shard: bool = True):

@@ -141,6 +141,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
     for epoch in range(start, epochs):
         ctx.epoch = epoch
         t0 = time.perf_counter()
+        ctx.time_base, ctx.epoch_t0 = history.train_time_s, t0
         method.epoch_begin(epoch)
         sums: dict[str, torch.Tensor] = {}
         n = 0
@@ -163,6 +164,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         history.train_time_s += time.perf_counter() - t0
+        ctx.time_base, ctx.epoch_t0 = history.train_time_s, None
         rec = {"epoch": epoch + 1, "step": ctx.step, "time_s": round(history.train_time_s, 3)}
         if sums:
             means = torch.stack(list(sums.values())) / max(n, 1)

@@ -11,14 +11,15 @@ random batches from the pool instead of re-using only the fresh batch.
 With ``train.time_budget_s`` set, ``time_schedule=True`` (the default) makes the lr schedule follow
 ``max(step progress, time progress)``: the cosine reaches its floor when the budget runs out
 even when the step count was sized for a faster machine. Runs that stop on their step count are
-unaffected, but a time-limited run is then not bit-reproducible.
+unaffected. Time progress is the loop's training time (``ctx.elapsed_s()``: evaluation excluded, the
+time before a resume included), so a resumed run continues the schedule where it stopped; a
+time-limited run is still not bit-reproducible (the step at which a given lr is reached varies).
 """
 from __future__ import annotations
 
 import abc
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -26,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.context import StepGuard
 from ..core import distributed as dist
 from ..core.hooks import FeatureRecorder, named_modules
 from ..core.losses import FEATURE_LOSSES, FitNetHint, kd_kl, logit_l1
@@ -49,6 +49,7 @@ class DistillOptions:
     pool_batches: int = 0               # data-pool capacity in synthesized batches; 0 = train on the fresh batch
     synth_batch: Optional[int] = None   # synthesized batch size (default: train.batch_size)
     momentum: float = 0.9
+    optimizer: Literal["sgd", "adam"] = "sgd"   # student optimiser (DAFL's MNIST recipe: Adam, lr 2e-3)
     schedule: Literal["cosine", "step", "none"] = "cosine"   # student lr ('step': x0.1 at 50 % and 75 %)
     time_schedule: bool = True          # with train.time_budget_s: progress = max(steps, time) fraction
     augment: int = 0                    # random shifts of up to this many pixels on student batches
@@ -104,25 +105,9 @@ class no_param_grad:
             p.requires_grad_(f)
 
 
-def manual_guard(ctx, guard: StepGuard, finite: torch.Tensor, loss: torch.Tensor, terms: dict) -> bool:
-    """The NaN/inf guard for updates made by hand (not through an optimizer): count, log, stop."""
-    import logging
-
-    from ..errors import NonFiniteError
-    g = guard
-    if bool(finite):
-        g.bad_in_a_row = 0
-        return True
-    ctx.guard.skipped += 1
-    g.skipped += 1
-    g.bad_in_a_row += 1
-    logging.getLogger("dfkt").warning("step %d: non-finite synthesis loss %s: update skipped (%d in a row)",
-                                      ctx.step, float(loss.detach()), g.bad_in_a_row)
-    if g.bad_in_a_row >= g.max_bad:
-        raise NonFiniteError(f"{g.bad_in_a_row} consecutive non-finite synthesis steps at step {ctx.step} "
-                             f"(terms: { {k: float(v) for k, v in terms.items()} }). Lower the synthesis lr "
-                             f"or raise train.max_bad_steps.")
-    return False
+def manual_guard(ctx, finite: torch.Tensor, loss: torch.Tensor, terms: dict) -> bool:
+    """The NaN/inf guard for synthesis updates made by hand (not through an optimizer)."""
+    return ctx.guard.record(bool(finite), loss, ctx.step, terms, stream="synthesis")
 
 
 def last_linear(model: nn.Module) -> str:
@@ -273,15 +258,15 @@ class DistillMethod(Method):
             self.features = self.track("features", FeatureTransfer(o.feature_loss, pairs, ctx.learner, self.teacher,
                                                                    ctx.input_shape).to(self.device))
         params = list(ctx.learner.parameters()) + (list(self.features.parameters()) if self.features else [])
-        self.s_opt = self.track("student_opt", torch.optim.SGD(params, lr=tc.lr, momentum=o.momentum,
-                                                               weight_decay=tc.weight_decay, nesterov=o.momentum > 0))
+        if o.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=tc.lr, momentum=o.momentum, weight_decay=tc.weight_decay,
+                                  nesterov=o.momentum > 0)
+        self.s_opt = self.track("student_opt", opt)
         self.base_lr = tc.lr
         self.s_total = max(1, tc.epochs * tc.iters_per_epoch * o.kd_steps)
         self.state = self.track("state", HostState(s_step=0))
-        self.t_start = None
-        # synthesis has its own NaN guard: a finite student step must not reset the count of
-        # consecutive non-finite generator/pixel steps (skips are added to the run's total)
-        self.synth_guard = StepGuard(tc.max_bad_steps)
         self.pool = (self.track("pool", DataPool(o.pool_batches * self.synth_bs, ctx.input_shape, ctx.num_classes,
                                                   self.device)) if o.pool_batches > 0 else None)
         self.build()
@@ -290,20 +275,16 @@ class DistillMethod(Method):
         """Subclass hook: build the synthesizer (generator, pixels, optimisers)."""
 
     def synth_optimize(self, loss: torch.Tensor, optimizer, terms: dict[str, torch.Tensor]) -> bool:
-        """ctx.optimize for synthesis steps (generator, latent codes, pixels), with the synthesis guard."""
-        ok = self.synth_guard(loss, optimizer, self.ctx.step, terms)
-        if not ok:
-            self.ctx.guard.skipped += 1
-        return ok
+        """ctx.optimize for synthesis steps (generator, latent codes, pixels): the NaN guard counts them
+        as their own stream, so good student steps do not reset a run of failing synthesis steps."""
+        return self.ctx.optimize(loss, optimizer, terms, stream="synthesis")
 
     # -- schedule -----------------------------------------------------------------------------
     def progress(self) -> float:
         p = self.state['s_step'] / self.s_total
         budget = self.ctx.train.time_budget_s
         if budget and self.opts.time_schedule:
-            if self.t_start is None:
-                self.t_start = time.perf_counter()
-            p = max(p, (time.perf_counter() - self.t_start) / budget)
+            p = max(p, self.ctx.elapsed_s() / budget)   # training time, restored on resume
         return min(p, 1.0)
 
     def lr_factor(self, p: float) -> float:
@@ -359,8 +340,6 @@ class DistillMethod(Method):
 
     # -- the loop's protocol -------------------------------------------------------------------
     def batches(self):
-        if self.t_start is None:
-            self.t_start = time.perf_counter()
         self.ctx.learner.train()
         for _ in range(self.ctx.train.iters_per_epoch):
             yield Batch(x=torch.empty(0, device=self.device))

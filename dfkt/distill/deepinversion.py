@@ -164,7 +164,7 @@ class DeepInversion(DistillMethod):
             x = x.detach().requires_grad_()
             loss, terms = self.objective(x, y)
             grad, = torch.autograd.grad(loss, x)
-            if manual_guard(ctx, self.synth_guard, torch.isfinite(loss.detach()) & torch.isfinite(grad).all(), loss, terms):
+            if manual_guard(ctx, torch.isfinite(loss.detach()) & torch.isfinite(grad).all(), loss, terms):
                 x = self.px_adam.step(x.detach(), grad, idx)
         self.state["px_filled"] = min(n, self.state["px_filled"] + self.synth_bs)
         x = x.detach()
