@@ -18,7 +18,10 @@ DFKD_SUITE = {
     "suite": "tiny-dfkd", "task": "dfkd", "seeds": 1, "student": "lenet5-half", "input_shape": [1, 32, 32],
     "teachers": {"lenet5": {"model": "lenet5", "options": {"epochs": 3, "schedule": "cosine", "lr": 0.05},
                             "train_split": "train", "val_split": None}},
-    "methods": {"dafl": {"teacher": "lenet5", "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}}},
+    "methods": {"dafl": {"teacher": "lenet5", "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}},
+                # a variant label: the registered method `dafl` with other options
+                "dafl+adv": {"method": "dafl", "teacher": "lenet5", "options": {"adv": 3.0},
+                             "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}}},
     "tasks": [{"name": "uci32", "source": {"domain": "digits", "size": 32, "split": "train"},
                "target": {"domain": "digits", "size": 32, "split": "test"}}],
 }
@@ -79,6 +82,15 @@ def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):
         assert b[m]["acc"] == pytest.approx(a[m]["acc"], abs=1e-6), m
         assert b[m]["torch_threads"] >= 1
     assert (par / "report.md").exists()
+
+
+def test_suite_variant_of_an_unknown_method_is_refused(tmp_path, capsys):
+    bad = {**DFKD_SUITE, "methods": {"dafl+x": {"method": "dafll", "teacher": "lenet5"}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown method 'dafll'" in err and "dafl" in err
 
 
 def test_bench_quick_and_unknown_suite(tmp_path, capsys):

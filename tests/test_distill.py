@@ -103,6 +103,34 @@ def test_best_method_reaches_floor(teachers, digits):
     assert res.acc > first - 1.0
 
 
+def test_ema_student_tracks_training_without_changing_it(teachers, digits):
+    """ema > 0: training is unchanged (same losses), the deployed model is the weight average."""
+    kw = dict(method="dafl", input_shape=(1, 32, 32), eval_data=digits[1], epochs=2, iters_per_epoch=10,
+              batch_size=32, pool_batches=10, kd_steps=2, progress=False, seed=3)
+    torch.manual_seed(0)
+    plain = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
+    torch.manual_seed(0)
+    ema = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), ema=0.9, **kw)
+    assert [r["kd"] for r in ema.history.records] == [r["kd"] for r in plain.history.records]
+    pw, ew = plain.model.state_dict(), ema.model.state_dict()
+    assert pw.keys() == ew.keys() and any(not torch.allclose(pw[k], ew[k]) for k in pw)
+    assert ema.acc > 30.0 and all(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ConfigError, match="ema must be in"):
+        dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **{**kw, "ema": 1.0})
+
+
+def test_mixup_mixes_pairs_reproducibly():
+    from dfkt.distill.common import mix_pairs
+
+    x = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(16)])
+    a = mix_pairs(x, 1.0, torch.Generator().manual_seed(5))
+    b = mix_pairs(x, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    # each output is a convex combination of two inputs: constant per image, within [0, 15]
+    assert torch.all(a.amax((1, 2, 3)) == a.amin((1, 2, 3))) and a.min() >= 0 and a.max() <= 15
+    assert not torch.equal(a, x)
+
+
 def test_losses_decrease(teachers, digits):
     """DAFL's generator makes confident, balanced samples; DFAD's student closes the L1 gap."""
     res = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), method="dafl", input_shape=(1, 32, 32),
@@ -350,10 +378,12 @@ def test_mnist_suite_is_valid():
 
     suite = load_suite(str(ROOT / "benchmarks" / "dfkd-mnist.yaml"))
     suite.validate()
-    assert suite.task == "dfkd" and suite.seeds == 3 and set(METHODS) == set(suite.methods)
+    assert suite.task == "dfkd" and suite.seeds == 3
+    assert set(METHODS) == {run.method or name for name, run in suite.methods.items()}
     for name, run in suite.methods.items():
-        split_options(get_method(name, task="dfkd"), run.options, run.train)
-        needs_bn = get_method(name, task="dfkd").needs_teacher_bn
+        cls = get_method(run.method or name, task="dfkd")
+        split_options(cls, run.options, run.train)
+        needs_bn = cls.needs_teacher_bn
         assert (suite.teachers[run.teacher].model == "lenet5-bn") == needs_bn
         assert run.train["time_budget_s"] <= 360
     assert len(suite.quick.methods) == 2 and suite.quick.seeds == 1

@@ -241,7 +241,7 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     ref = evaluate(model.to(dev), target, dev)["acc"]
     opts, train = _merge(suite.methods[name], override)
     train.setdefault("progress", progress)
-    res = api.adapt(model, target, method=name, seed=seed, device=device, train=train, **opts)
+    res = api.adapt(model, target, method=suite.methods[name].method or name, seed=seed, device=device, train=train, **opts)
     from ..sfda.selection import select_epoch
 
     sel = select_epoch(res.history, "snd")
@@ -274,7 +274,7 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     for k, v in opts.items():   # data specs in options (e.g. lopes' metadata) read the suite's data root
         if isinstance(v, dict) and "domain" in v and root is not None:
             opts[k] = {**v, "root": v.get("root", root)}
-    res = api.distill(teacher, student, method=name, input_shape=tuple(suite.input_shape), eval_data=test,
+    res = api.distill(teacher, student, method=run.method or name, input_shape=tuple(suite.input_shape), eval_data=test,
                       seed=seed, device=device, train=train, **opts)
     rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,
            "student": student_name, "acc": round(res.acc, 3), "ref_acc": round(ref, 3),

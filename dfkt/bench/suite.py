@@ -42,6 +42,8 @@ class MethodRun:
 
     options: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    method: Optional[str] = None       # the registered method, when the entry's key is a variant label
+    #                                    (e.g. `dafl+adv: {method: dafl, options: {adv: 1.0}}`)
     teacher: Optional[str] = None      # DFKD: key into `teachers`
     student: Optional[str] = None      # DFKD: model name (default: the suite's student)
     student_kwargs: dict = field(default_factory=dict)
@@ -83,6 +85,10 @@ class Suite:
     quick: QuickSpec = field(default_factory=QuickSpec)
 
     def validate(self) -> None:
+        from ..registry import get_method
+
+        for name, run in self.methods.items():
+            get_method(run.method or name, task=self.task)   # unknown method: a clear error at load time
         if self.task == "sfda" and self.source is None:
             raise ConfigError(f"suite {self.suite!r}: an sfda suite needs a `source` recipe.")
         if self.task == "dfkd":

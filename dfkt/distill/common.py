@@ -53,6 +53,10 @@ class DistillOptions:
     schedule: Literal["cosine", "step", "none"] = "cosine"   # student lr ('step': x0.1 at 50 % and 75 %)
     time_schedule: bool = True          # with train.time_budget_s: progress = max(steps, time) fraction
     augment: int = 0                    # random shifts of up to this many pixels on student batches
+    mixup: float = 0.0                  # > 0: mix student batches pairwise, lambda ~ Beta(mixup, mixup) per
+    #                                     sample; the teacher labels the mixed inputs (boundary samples)
+    ema: float = 0.0                    # > 0: the deployed/evaluated student is an exponential moving average
+    #                                     of the trained one's weights (decay per student step, e.g. 0.99)
     feature_loss: Literal["none", "at", "sp", "pkt", "rkd", "fitnet"] = "none"
     feature_layers: list[str] = field(default_factory=list)   # module names, 'student:teacher' if they differ;
     #                                    'penultimate' = input of the last Linear; [] = auto
@@ -67,6 +71,10 @@ class DistillOptions:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.synth_batch is not None and self.synth_batch < 1:
             raise ConfigError(f"synth_batch must be >= 1, got {self.synth_batch}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1) (0 = off; e.g. 0.99), got {self.ema}")
+        if self.mixup < 0:
+            raise ConfigError(f"mixup must be >= 0 (0 = off; e.g. 1.0), got {self.mixup}")
 
 
 @dataclass
@@ -210,6 +218,19 @@ def random_shift(x: torch.Tensor, max_px: int, g: torch.Generator | None = None)
     return pad[..., dy:dy + h, dx:dx + w]
 
 
+def mix_pairs(x: torch.Tensor, alpha: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """Mixup of each input with a random partner of the batch, lambda ~ Beta(alpha, alpha) per sample
+    (drawn from ``g`` on the host, so runs stay reproducible)."""
+    n = x.shape[0]
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,))
+        perm = torch.randperm(n)
+    lam = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[perm.to(x.device)]
+
+
 class HostState(dict):
     """Plain counters and small values of a method (tracked for resume like a module's state)."""
 
@@ -267,6 +288,9 @@ class DistillMethod(Method):
         self.base_lr = tc.lr
         self.s_total = max(1, tc.epochs * tc.iters_per_epoch * o.kd_steps)
         self.state = self.track("state", HostState(s_step=0))
+        self.ema_model = None
+        if o.ema > 0:
+            self.ema_model = self.track("ema_student", copy.deepcopy(dist.unwrap(ctx.learner)).eval())
         self.pool = (self.track("pool", DataPool(o.pool_batches * self.synth_bs, ctx.input_shape, ctx.num_classes,
                                                   self.device)) if o.pool_batches > 0 else None)
         self.build()
@@ -315,6 +339,9 @@ class DistillMethod(Method):
         if o.augment:
             x = random_shift(x, o.augment, ctx.rng)
             t_logits = None           # the teacher must see the shifted images
+        if o.mixup > 0:
+            x = mix_pairs(x, o.mixup, ctx.rng)
+            t_logits = None
         terms: dict[str, torch.Tensor] = {}
         with ctx.autocast():
             if self.features is not None:
@@ -336,7 +363,24 @@ class DistillMethod(Method):
                 terms["feat"] = feat.detach()
         ctx.optimize(loss, self.s_opt, terms)
         self.state['s_step'] += 1
+        if self.ema_model is not None:
+            self.update_ema()
         return terms
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * student (buffers copied), one fused op per tensor list."""
+        src = dist.unwrap(self.ctx.learner)
+        # warm-up: the decay grows with the step count so early weights do not linger
+        decay = min(self.opts.ema, (1 + self.state['s_step']) / (10 + self.state['s_step']))
+        ema_p, cur_p = list(self.ema_model.parameters()), list(src.parameters())
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+        for b_ema, b in zip(self.ema_model.buffers(), src.buffers()):
+            b_ema.copy_(b)
+
+    def model(self) -> nn.Module:
+        """The student to evaluate and deploy (its EMA with ``ema > 0``)."""
+        return self.ema_model if self.ema_model is not None else self.ctx.learner
 
     # -- the loop's protocol -------------------------------------------------------------------
     def batches(self):
