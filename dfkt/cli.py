@@ -140,7 +140,8 @@ def cmd_bench(args) -> int:
                     cache_dir=args.cache, device=args.device or "auto",
                     methods=args.methods.split(",") if args.methods else None, resume=args.resume,
                     progress=not args.no_progress, command=command,
-                    tasks=args.tasks.split(",") if args.tasks else None, jobs=args.jobs)
+                    tasks=args.tasks.split(",") if args.tasks else None, jobs=args.jobs,
+                    merge=args.merge.split(",") if args.merge else None)
     from .bench.report import markdown, publish
 
     if args.publish:
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     b.add_argument("--cache", help="cache folder for source models/teachers (default <out>/cache)")
     b.add_argument("--resume", action="store_true", help="skip runs already in <out>/results.json")
+    b.add_argument("--merge", help="comma-separated output folders of other runs of this suite to combine "
+                                    "(their runs are not repeated)")
     b.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, in worker processes sharing the torch threads (default 1)")
     b.add_argument("--publish", action="store_true",

@@ -84,6 +84,25 @@ def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):
     assert (par / "report.md").exists()
 
 
+def test_bench_merge_combines_parts_without_rerunning(tmp_path, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(SFDA_SUITE, allow_unicode=True))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["--no-progress", "-q", "--cache", str(tmp_path / "cache")]
+    assert main(["bench", str(path), "--out", str(a), "--methods", "source-only", *common]) == 0
+    assert main(["bench", str(path), "--out", str(b), "--methods", "tent", *common]) == 0
+    ra = json.loads((a / "results.json").read_text())["records"]
+    rb = json.loads((b / "results.json").read_text())["records"]
+    assert main(["bench", str(path), "--out", str(c), "--merge", f"{a},{b}", *common]) == 0
+    doc = json.loads((c / "results.json").read_text())
+    # nothing was rerun: the merged records are the parts' records, byte for byte
+    assert sorted(json.dumps(r, sort_keys=True) for r in doc["records"]) == \
+        sorted(json.dumps(r, sort_keys=True) for r in ra + rb)
+    assert "| tent |" in (c / "report.md").read_text()
+    assert main(["bench", str(path), "--out", str(c), "--merge", str(tmp_path / "nope"), *common]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
 def test_suite_variant_of_an_unknown_method_is_refused(tmp_path, capsys):
     bad = {**DFKD_SUITE, "methods": {"dafl+x": {"method": "dafll", "teacher": "lenet5"}}}
     path = tmp_path / "suite.yaml"

@@ -120,12 +120,15 @@ def _selected(suite: Suite, quick: bool, methods: Optional[list[str]],
 def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick: bool = False,
               data_root: Optional[str] = None, cache_dir: Optional[str] = None, device: str = "auto",
               methods: Optional[list[str]] = None, resume: bool = False, progress: bool = True,
-              command: str = "", tasks: Optional[list[str]] = None, jobs: int = 1) -> dict:
+              command: str = "", tasks: Optional[list[str]] = None, jobs: int = 1,
+              merge: Optional[list[str]] = None) -> dict:
     """Run the selected (task, method, seed) runs and write results.json, report.md and plots.
 
     ``jobs > 1`` runs that many runs at a time in worker processes, each with
     ``torch threads // jobs`` threads (source models/teachers are trained first, in this process);
-    the recorded ``torch_threads`` and wall times are those of the worker."""
+    the recorded ``torch_threads`` and wall times are those of the worker. ``merge``: output folders
+    (or results.json files) of other runs of the same suite, e.g. parts run on other machines; their
+    records count as done (as with ``resume``) and go into this folder's results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
@@ -140,6 +143,22 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
         prev = json.loads(results_path.read_text())
         records = prev.get("records", [])
         commands = [c for c in prev.get("command", "").split(" && ") if c] + commands
+    for other in merge or []:
+        path = Path(other)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"--merge: no results.json at {str(path)!r}; give the output folder of a "
+                              f"`dfkt bench` run.")
+        prev = json.loads(path.read_text())
+        if prev.get("suite") != suite.suite:
+            raise ConfigError(f"--merge: {str(path)!r} holds suite {prev.get('suite')!r}, not {suite.suite!r}.")
+        have = {(r["task_name"], r["method"], r["seed"]) for r in records}
+        records.extend(r for r in prev.get("records", []) if (r["task_name"], r["method"], r["seed"]) not in have)
+        commands = [c for c in prev.get("command", "").split(" && ") if c and c not in commands] + commands
+        for r in prev.get("records", []):   # synthesized-image grids travel with their records
+            if r.get("grid") and (path.parent / r["grid"]).is_file():
+                (out / r["grid"]).parent.mkdir(parents=True, exist_ok=True)
+                (out / r["grid"]).write_bytes((path.parent / r["grid"]).read_bytes())
     done = {(r["task_name"], r["method"], r["seed"]) for r in records}
     doc = {"suite": suite.suite, "command": " && ".join(commands), "quick": quick, "env": env_info(dev), "records": records}
     pending = []
