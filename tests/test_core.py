@@ -235,3 +235,15 @@ def test_supervised_loop_learns_and_resumes(tmp_path, monkeypatch):
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
     assert resumed.history.resumed_from_epoch == 2
     assert strip(resumed.history.records) == strip(full.history.records)
+
+
+def test_snd_subsamples_large_sets_with_a_fixed_subset():
+    from dfkt.core.evaluate import snd
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.softmax(torch.randn(3000, 10, generator=g) * 2, 1)
+    keep = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:1000]
+    # above max_samples: the score of a fixed subset (same rows at every evaluation), below: all rows
+    assert snd(big, max_samples=1000) == snd(big, max_samples=1000) == pytest.approx(snd(big[keep]), rel=1e-6)
+    assert snd(big, max_samples=5000) == pytest.approx(snd(big), rel=1e-6)
+    assert snd(big, max_samples=1000) != pytest.approx(snd(big), rel=1e-3)

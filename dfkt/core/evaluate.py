@@ -49,9 +49,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits[valid].argmax(1) == labels[valid]).float().mean() * 100)
 
 
-def snd(probs: torch.Tensor, temperature: float = 0.05, chunk: int = 2048) -> float:
-    """Soft Neighbourhood Density (Saito et al. 2021): higher = denser, better-clustered predictions."""
+def snd(probs: torch.Tensor, temperature: float = 0.05, chunk: int = 2048, max_samples: int = 10000) -> float:
+    """Soft Neighbourhood Density (Saito et al. 2021): higher = denser, better-clustered predictions.
+
+    O(n^2) on the device in row chunks; above ``max_samples`` rows (e.g. VisDA's 55k targets) it is
+    computed on a fixed random subset of that size (the same rows at every evaluation)."""
     p = F.normalize(probs, dim=1)
+    if p.shape[0] > max_samples:
+        keep = torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))[:max_samples]
+        p = p[keep.to(p.device)]
     total = probs.new_zeros(())
     n = p.shape[0]
     for s in range(0, n, chunk):
