@@ -31,7 +31,8 @@ def install(marker: Path, hang_after: int, steps: int) -> None:
 
     def optimizing(self, *args, **kwargs):
         ok = optimize(self, *args, **kwargs)
-        if state["saved"] >= hang_after:
+        stream = kwargs.get("stream", args[4] if len(args) > 4 else "main")
+        if state["saved"] >= hang_after and stream == "main":   # learner steps (not DFKD synthesis steps)
             state["steps"] += 1
             if state["steps"] >= steps:
                 tmp = marker.with_suffix(".tmp")
