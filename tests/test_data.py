@@ -119,7 +119,7 @@ def test_mnist10k_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         require_file(tmp_path / "x.bin", "download it from somewhere")
 
 
-@pytest.mark.skipif(not (SHARED / "mnist10k.npz").is_file(), reason="shared data not present")
+@pytest.mark.skipif(not (SHARED / "mnist10k.npz").is_file(), reason="needs ../shared/data/mnist10k.npz, which is not shipped with dfkt (the loader itself is tested on an npz the tests write)")
 def test_real_mnist10k():
     ds = get_domain("mnist", root=SHARED, split="test")
     assert len(ds) == 2000 and len(torch.unique(ds.labels)) == 10

@@ -214,6 +214,15 @@ def _worker_run(args: tuple) -> tuple[dict, int]:
     return _run_one(*args), torch.get_num_threads()
 
 
+def _base_model(suite: Suite, task: TaskSpec, name: str, seed: int) -> tuple[ModelRecipe, int]:
+    """The cached model a run starts from: (recipe, seed) of the SFDA source model (one per seed) or
+    of the DFKD teacher (one, trained with seed 0)."""
+    if suite.task == "sfda":
+        return _source_recipe(suite, task), seed
+    run = suite.methods[name]
+    return suite.teachers[run.teacher or next(iter(suite.teachers))], 0
+
+
 def _source_recipe(suite: Suite, task: TaskSpec) -> ModelRecipe:
     recipe = suite.source
     if task.source_options:
@@ -226,14 +235,13 @@ def _run_parallel(suite: Suite, pending: list, jobs: int, root, cache: Path, dev
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    # train (or load) every cached source model / teacher here first: workers only read the cache
+    # train every cached source model / teacher here first (once each): workers only read the cache
+    needed = {}
     for task, name, seed, _ in pending:
-        if suite.task == "sfda":
-            cached_supervised(_source_recipe(suite, task), task.source, seed, root, cache, device, suite.num_classes)
-        else:
-            run = suite.methods[name]
-            recipe = suite.teachers[run.teacher or next(iter(suite.teachers))]
-            cached_supervised(recipe, task.source, 0, root, cache, device, suite.num_classes)
+        recipe, model_seed = _base_model(suite, task, name, seed)
+        needed[_hash({"r": to_dict(recipe), "d": to_dict(task.source), "s": model_seed})] = (recipe, task, model_seed)
+    for recipe, task, model_seed in needed.values():
+        cached_supervised(recipe, task.source, model_seed, root, cache, device, suite.num_classes)
     threads = max(1, torch.get_num_threads() // jobs)
     log.info("running %d runs, %d at a time with %d torch thread(s) each", len(pending), jobs, threads)
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
@@ -254,7 +262,8 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
               override, progress: bool, out: Path) -> dict:
     if task.source is None or task.target is None:
         raise ConfigError(f"sfda task {task.name!r} needs `source` and `target` domains.")
-    model = cached_supervised(_source_recipe(suite, task), task.source, seed, root, cache, device, suite.num_classes)
+    recipe, source_seed = _base_model(suite, task, name, seed)
+    model = cached_supervised(recipe, task.source, source_seed, root, cache, device, suite.num_classes)
     target = _domain(task.target, root)
     dev = resolve_device(device)
     ref = evaluate(model.to(dev), target, dev)["acc"]
@@ -274,11 +283,10 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
 def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Path, device: str,
               override, progress: bool, out: Path) -> dict:
     run = suite.methods[name]
-    teacher_key = run.teacher or next(iter(suite.teachers))
-    recipe = suite.teachers[teacher_key]
+    recipe, teacher_seed = _base_model(suite, task, name, seed)
     if task.source is None:
         raise ConfigError(f"dfkd task {task.name!r} needs `source` (the teacher's training domain).")
-    teacher = cached_supervised(recipe, task.source, 0, root, cache, device, suite.num_classes)
+    teacher = cached_supervised(recipe, task.source, teacher_seed, root, cache, device, suite.num_classes)
     test_spec = task.target or DomainSpec(task.source.domain, split="test", size=task.source.size)
     test = _domain(test_spec, root)
     dev = resolve_device(device)
