@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from dfkt.data import (CORRUPTIONS, ArrayDataset, Corrupt, ImageFolder, ImageList, IndexedDataset,
                        corrupt, default_transforms, get_domain, list_domains, load_digits_images,
-                       load_mnist10k, require_file, resolve_data_root, to_float, torchvision_dataset)
+                       load_mnist10k, require_file, resolve_data_root, split_indices, to_float,
+                       torchvision_dataset)
 from dfkt.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -232,7 +233,7 @@ def test_indexed_wrapper():
 
 # ----------------------------------------------------------------------------- corruptions
 RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "rotate", "shear",
-          "translate", "elastic", "stripe", "dotted_line", "zigzag"}
+          "translate", "elastic", "stripe", "dotted_line", "zigzag", "colorize", "texture"}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,26 @@ def images() -> torch.Tensor:
     x = torch.rand(4, 1, 16, 16, generator=g) * 0.8 + 0.1
     x[:, :, :4] = 0.0  # some flat background, as digits have
     return x
+
+
+def test_shapes_domain_and_train_fit_splits():
+    from dfkt.data.shapes import make_shapes
+
+    u8, labels = make_shapes(200, seed=1)
+    assert u8.shape == (200, 28, 28) and u8.dtype == torch.uint8
+    assert torch.bincount(labels, minlength=10).tolist() == [20] * 10
+    again, _ = make_shapes(200, seed=1)
+    other, _ = make_shapes(200, seed=2)
+    assert torch.equal(u8, again) and not torch.equal(u8, other)
+    # every class draws ink, and classes differ on average
+    means = torch.stack([u8[labels == c].float().mean(0) for c in range(10)])
+    assert bool((means.flatten(1).sum(1) > 0).all()) and torch.cdist(means.flatten(1), means.flatten(1)).topk(
+        2, largest=False).values[:, 1].min() > 50
+    tr, te = get_domain("shapes", split="train_fit"), get_domain("shapes", split="test")
+    va = get_domain("shapes", split="train_val")
+    assert len(tr) == 7200 and len(va) == 800 and len(te) == 2000 and te.num_classes == 10
+    assert not set(split_indices(10000, "train_fit", False)) & set(split_indices(10000, "test", False))
+    assert set(split_indices(10000, "train_val", False)) <= set(split_indices(10000, "train", False))
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))

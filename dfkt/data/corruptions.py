@@ -167,6 +167,64 @@ def invert(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     return 1 - x
 
 
+@_register
+def colorize(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """Random ink and background grey levels per image (a colour image seen in luminance): about half
+    the images get dark ink on a light background; the ink/background gap shrinks with severity."""
+    gap = (0.7, 0.6, 0.5, 0.4, 0.3)[severity - 1]
+    n = x.shape[0]
+    bg = _rand(g, x, n)
+    span = gap + (1 - gap) * _rand(g, x, n)
+    up_ok, down_ok = bg + span <= 1, bg - span >= 0
+    up = torch.where(up_ok & down_ok, _rand(g, x, n) < 0.5, up_ok)
+    fg = torch.where(up, bg + span, bg - span)
+    fg = torch.where(up_ok | down_ok, fg, torch.where(bg < 0.5, bg + span, bg - span)).clamp(0, 1)
+    bg, fg = bg.view(n, 1, 1, 1), fg.view(n, 1, 1, 1)
+    return bg + (fg - bg) * x
+
+
+@_register
+def texture(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """The digit over a random background texture (two sinusoidal gratings times smooth noise), as
+    MNIST-M puts digits on photo patches: the ink keeps a random grey level, the texture gets
+    stronger with severity until it reaches the ink's brightness."""
+    amp = (0.4, 0.55, 0.7, 0.85, 1.0)[severity - 1]
+    n, _, h, w = x.shape
+    grid = _pixel_grid(x)[0]                                    # [H,W,2] (col, row)
+    tex = torch.ones(n, h, w, device=x.device, dtype=x.dtype)
+    for _ in range(2):
+        ang = _rand(g, x, n).view(n, 1, 1) * math.pi
+        period = (3 + 7 * _rand(g, x, n)).view(n, 1, 1) * _px(x)
+        phase = _rand(g, x, n).view(n, 1, 1) * 2 * math.pi
+        t = grid[..., 0] * torch.cos(ang) + grid[..., 1] * torch.sin(ang)
+        tex = tex * (0.5 + 0.5 * torch.sin(2 * math.pi * t / period + phase))
+    coarse = torch.rand(n, 1, 4, 4, generator=g).to(x.device, x.dtype)
+    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)[:, 0]
+    tex = (0.6 * tex + 0.4 * smooth).unsqueeze(1)
+    ink = (0.6 + 0.4 * _rand(g, x, n)).view(n, 1, 1, 1)
+    return x * ink + (1 - x) * amp * tex
+
+
+@_register
+def jpeg(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    """JPEG compression artefacts (Pillow, quality 30..6 with severity), image by image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    quality = (30, 20, 14, 10, 6)[severity - 1]
+    u8 = torch.round(x.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)
+    out = torch.empty_like(u8)
+    for i in range(u8.shape[0]):
+        for c in range(u8.shape[1]):
+            buf = io.BytesIO()
+            Image.fromarray(u8[i, c].numpy()).save(buf, format="JPEG", quality=quality)
+            buf.seek(0)
+            out[i, c] = torch.from_numpy(np.array(Image.open(buf).convert("L")))
+    return (out.float() / 255).to(x.device, x.dtype)
+
+
 # ----------------------------------------------------------------------------- geometric
 @_register
 def rotate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:

@@ -9,14 +9,16 @@ import torch
 
 from dfkt.data.arrays import ArrayDataset, Stat, load_digits_images, load_mnist10k, normalize, to_float
 from dfkt.data.corruptions import check_corruption, corrupt
+from dfkt.data.shapes import make_shapes
 from dfkt.errors import DataError, suggest
 
 log = logging.getLogger(__name__)
 
 DOMAINS = {"digits": "scikit-learn's embedded UCI digits (1,797; 28x28 'uci' recipe, size=8 native)",
-           "mnist10k": "mnist10k.npz from the data folder (10,000 MNIST digits)"}
+           "mnist10k": "mnist10k.npz from the data folder (10,000 MNIST digits)",
+           "shapes": "procedural grayscale silhouettes, 10 non-digit classes (10,000; dfkt.data.shapes)"}
 ALIASES = {"uci": "digits", "mnist": "mnist10k"}
-SPLITS = ("all", "train", "test", "source_train", "source_val")
+SPLITS = ("all", "train", "test", "source_train", "source_val", "train_fit", "train_val")
 SPLIT_SEED = 0  # fixed permutation that mixes the classes of the (class-sorted-ish) UCI digits
 
 
@@ -27,12 +29,18 @@ def list_domains() -> list[str]:
 
 def split_indices(n: int, split: str, shuffle: bool) -> np.ndarray:
     """Row indices of ``split``: train/test = first 80 % / rest (mnist10k: [:8000]/[8000:]),
-    source_train/source_val = first 90 % / last 10 % (SHOT); ``shuffle`` permutes first (fixed seed)."""
+    source_train/source_val = first 90 % / last 10 % (SHOT); train_fit/train_val = first 90 % / last
+    10 % of ``train`` (a source model that never sees ``test``, the shift suites' target rows);
+    ``shuffle`` permutes first (fixed seed)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}.{suggest(str(split), SPLITS)} Use one of: {', '.join(SPLITS)}")
     order = np.random.RandomState(SPLIT_SEED).permutation(n) if shuffle else np.arange(n)
     if split == "all":
         return order
+    if split in ("train_fit", "train_val"):
+        train = order[:int(round(n * 0.8))]
+        cut = int(round(len(train) * 0.9))
+        return train[:cut] if split == "train_fit" else train[cut:]
     cut = int(round(n * (0.8 if split in ("train", "test") else 0.9)))
     return order[:cut] if split in ("train", "source_train") else order[cut:]
 
@@ -57,6 +65,8 @@ def get_domain(name: str, root: str | os.PathLike | None = None, split: str = "a
         check_corruption(corruption, severity)
     if key == "digits":
         u8, labels = load_digits_images(8 if size == 8 else 28)
+    elif key == "shapes":
+        u8, labels = make_shapes()
     else:
         u8, labels = load_mnist10k(root)
     idx = torch.from_numpy(split_indices(len(u8), split, shuffle=key == "digits"))
