@@ -22,13 +22,14 @@ from .core import distributed as dist
 from .core.checkpoint import load_model, save_model
 from .core.context import Context, TrainConfig
 from .core.device import resolve_device, seed_everything
-from .core.evaluate import evaluate
+from .core.evaluate import accuracy, evaluate, label_free_scores, predict
+from .core.guard import CollapseGuard, GuardPolicy, Reference, guard_finish
 from .core.hooks import batchnorm_layers
 from .core.loader import dataset_len
 from .core.loop import History, fit
 from .core.method import Method
 from .core.supervised import Supervised, SupervisedOptions
-from .errors import ConfigError, DataError, ModelError, suggest
+from .errors import CollapseError, ConfigError, DataError, ModelError, suggest
 from .models import check_input
 from .models.split import num_classes_of
 from .registry import get_method
@@ -50,6 +51,7 @@ class Result:
     wall_s: float = 0.0
     path: Optional[Path] = None
     synthesize: Optional[Callable[[int], torch.Tensor]] = None   # DFKD: draw n reconstructed inputs
+    guard: Optional[dict] = None     # SFDA: what the collapse guard saw and did (see dfkt.core.guard)
 
     @property
     def acc(self) -> float:
@@ -114,7 +116,9 @@ def _check_indexed(dataset, method_cls: type) -> None:
 
 
 def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, extra_meta: dict,
-         make_method: Callable[[], Method] | None = None) -> Result:
+         make_method: Callable[[], Method] | None = None, finish: Callable | None = None) -> Result:
+    """Fit the method; ``finish(model, history, metrics) -> (model, metrics, info)`` may replace the
+    returned model (the SFDA collapse guard's rollback) before anything is saved."""
     method = make_method() if make_method else method_cls(ctx, opts)
     fp = fingerprint(method_cls.name, opts, ctx.train, extra_meta)
     cfg = {"method": method_cls.name, "task": method_cls.task, "options": to_dict(opts), "train": to_dict(ctx.train),
@@ -124,6 +128,9 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
     wall = time.perf_counter() - t0
     model = dist.unwrap(method.model())
     metrics = {k: v for k, v in history.last.items() if k not in ("epoch", "step")}
+    info = None
+    if finish is not None:
+        model, metrics, info = finish(model, history, metrics)
     path = None
     if out is not None and dist.is_main():
         out = Path(out)
@@ -132,7 +139,7 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
                                                      "train_time_s": history.train_time_s}, indent=1, default=str))
     return Result(model=model, method=method_cls.name, history=history, metrics=metrics, config=cfg,
                   wall_s=history.train_time_s if history.train_time_s else wall, path=path,
-                  synthesize=getattr(method, "synthesize", None))
+                  synthesize=getattr(method, "synthesize", None), guard=info)
 
 
 def _prepare(train: TrainConfig, out) -> tuple[torch.device, torch.Generator]:
@@ -179,12 +186,38 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
                          f"{head_classes}; SFDA here assumes the same label space (closed set).")
     ctx = Context(learner=learner, teacher=_frozen_copy(model, device), train=tc, device=device,
                   num_classes=head_classes, input_shape=shape, target=target, rng=rng)
-    scored = eval_data if eval_data is not None else getattr(target, "eval_view", target)
+    view = getattr(target, "eval_view", None)
+    view = target if view is None else view
+    scored = eval_data if eval_data is not None else view
+    # the source model on the target: epoch 0 of the collapse guard (labels: reported accuracy only)
+    src = predict(ctx.teacher, view, device, features=True)
+    source_metrics = (_scores(src) if scored is view else evaluate(ctx.teacher, scored, device, label_free=True))
+    guard = CollapseGuard(Reference(src["logits"], src["features"]), GuardPolicy(), tc.on_collapse)
+    del src
 
     def eval_fn(m: nn.Module) -> dict:
-        return evaluate(m, scored, device, label_free=True)
+        out = predict(m, scored, device)
+        res = _scores(out)
+        logits = out["logits"] if scored is view else predict(m, view, device)["logits"]
+        g = guard.observe(ctx.epoch + 1, logits, m)       # never sees a label
+        res.update({f"guard_{k}": v for k, v in g.items() if k != "epoch"})
+        if g["collapsed"] and tc.on_collapse == "stop":
+            raise CollapseError(f"adaptation collapsed at epoch {g['epoch']}: {guard.reasons[g['epoch']]} "
+                                f"(on_collapse: stop; use 'rollback' to get the best epoch back instead).")
+        return res
 
-    return _run(cls, ctx, opts, eval_fn, out, resume, {"target": getattr(target, "name", type(target).__name__)})
+    def finish(model: nn.Module, history: History, metrics: dict):
+        return guard_finish(guard, model, ctx.teacher, history, metrics, source_metrics, cls.name)
+
+    method = cls(ctx, opts)
+    method.track("collapse_guard", guard)   # resumed runs keep the guard's history and best epoch
+    return _run(cls, ctx, opts, eval_fn, out, resume, {"target": getattr(target, "name", type(target).__name__)},
+                make_method=lambda: method, finish=finish)
+
+
+def _scores(out: dict) -> dict:
+    """Accuracy (where labels exist; only reported) and the label-free scores of one prediction pass."""
+    return {"acc": accuracy(out["logits"], out["labels"]), **label_free_scores(out["logits"])}
 
 
 def distill(teacher: nn.Module, student: nn.Module, method: str = "dafl", *, input_shape: tuple,

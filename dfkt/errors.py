@@ -25,6 +25,10 @@ class CheckpointError(DfktError, RuntimeError):
     """A checkpoint file is missing, truncated, foreign or incompatible."""
 
 
+class CollapseError(DfktError, RuntimeError):
+    """An adaptation run collapsed (label-free evidence) and ``on_collapse: stop`` was asked for."""
+
+
 class NonFiniteError(DfktError, RuntimeError):
     """Training produced NaN/inf for too many consecutive steps."""
 

@@ -125,9 +125,45 @@ def test_bench_quick_and_unknown_suite(tmp_path, capsys):
 def test_shipped_suites_are_valid():
     from dfkt.bench.suite import load_suite
 
-    for name in ("sfda-digits", "dfkd-mnist"):
+    for name in ("sfda-digits", "dfkd-mnist", "sfda-shifts"):
         s = load_suite(name)
         assert s.seeds == 3 and s.methods and s.quick.methods
+    shifts = load_suite("sfda-shifts")
+    held = [t for t in shifts.tasks if t.heldout]
+    assert len(shifts.tasks) >= 20 and len(held) >= 8 and shifts.defaults_only
+    assert {t.source.domain for t in shifts.tasks} >= {"mnist10k", "digits", "shapes"}
+    assert all(not (r.options or r.train) for r in shifts.methods.values())
+
+
+def test_suites_refuse_per_task_overrides_and_non_defaults(tmp_path, capsys):
+    bad = {**SFDA_SUITE, "tasks": [{**SFDA_SUITE["tasks"][0], "overrides": {"tent": {"train": {"lr": 0.1}}}}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(bad, allow_unicode=True))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "per-task `overrides`" in err and "named variant" in err
+    strict = {**SFDA_SUITE, "defaults_only": True}
+    path.write_text(yaml.safe_dump(strict, allow_unicode=True))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--no-progress", "-q"]) == 2
+    assert "registered defaults" in capsys.readouterr().err
+
+
+def test_report_shows_dev_and_heldout_apart():
+    from dfkt.bench.report import markdown, sfda_summary
+
+    def rec(task, method, seed, acc, unguarded, ref, heldout, fired=False):
+        return {"task": "sfda", "task_name": task, "method": method, "seed": seed, "acc": acc,
+                "acc_unguarded": unguarded, "ref_acc": ref, "heldout": heldout, "guard_fired": fired,
+                "wall_s": 1.0}
+
+    records = [rec("a", "m", 0, 90.0, 90.0, 80.0, False), rec("a", "m", 1, 70.0, 50.0, 80.0, False, True),
+               rec("b", "m", 0, 60.0, 60.0, 70.0, True), rec("c", "m", 0, 100.0, 100.0, 70.0, True)]
+    row = sfda_summary(records)[0]
+    assert row["dev_acc"] == pytest.approx(80.0) and row["dev_unguarded"] == pytest.approx(70.0)
+    assert row["heldout_acc"] == pytest.approx(80.0) and row["heldout_tasks"] == 2
+    assert row["below_returned"] == 2 and row["below_unguarded"] == 2 and row["guard_fired"] == 1
+    md = markdown({"suite": "s", "records": records, "env": {}})
+    assert "headline: the held-out mean" in md and "## b (held-out)" in md and "## a\n" in md
 
 
 def test_cli_list_and_unknown_config_key(tmp_path, capsys):

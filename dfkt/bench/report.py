@@ -37,8 +37,49 @@ def summarize(records: list[dict]) -> list[dict]:
         else:
             sel, _ = _mean_std([r.get("selected_acc_snd") for r in rs])
             row["selected_acc_snd"] = sel
+            row["heldout"] = bool(rs[0].get("heldout", False))
+            row["acc_unguarded"], _ = _mean_std([r.get("acc_unguarded", r["acc"]) for r in rs])
+            row["guard_fired"] = sum(bool(r.get("guard_fired")) for r in rs)
         rows.append(row)
     return rows
+
+
+def _below(r: dict, key: str, margin: float = 1.0) -> bool:
+    v = r.get(key, r["acc"])
+    return v is not None and v < r["ref_acc"] - margin
+
+
+def sfda_summary(records: list[dict]) -> list[dict]:
+    """One row per method over the tasks of each half (dev / held-out): mean returned and unguarded
+    accuracy, mean source-only, runs below source-only - 1 (returned / unguarded), guard firings."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("task") == "sfda":
+            by_method[r["method"]].append(r)
+    out = []
+    for method, rs in by_method.items():
+        row = {"method": method, "runs": len(rs), "guard_fired": sum(bool(r.get("guard_fired")) for r in rs),
+               "below_returned": sum(_below(r, "acc") for r in rs),
+               "below_unguarded": sum(_below(r, "acc_unguarded") for r in rs)}
+        for half, want in (("heldout", True), ("dev", False)):
+            sub = [r for r in rs if bool(r.get("heldout", False)) == want]
+            # task means first, then the mean over tasks (every task weighs the same whatever its seeds)
+            tasks: dict[str, list[dict]] = defaultdict(list)
+            for r in sub:
+                tasks[r["task_name"]].append(r)
+            def tmean(key):
+                vals = [_mean_std([r.get(key, r["acc"]) for r in t])[0] for t in tasks.values()]
+                return _mean_std(vals)[0] if vals else float("nan")
+            row[f"{half}_tasks"] = len(tasks)
+            row[f"{half}_acc"] = tmean("acc")
+            row[f"{half}_unguarded"] = tmean("acc_unguarded")
+            row[f"{half}_ref"] = tmean("ref_acc")
+        out.append(row)
+    return sorted(out, key=lambda r: -(r["heldout_acc"] if not math.isnan(r["heldout_acc"]) else r["dev_acc"]))
+
+
+def _f(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 def _threads_note(records: list[dict], env_threads) -> list[str]:
@@ -67,11 +108,31 @@ def markdown(doc: dict) -> str:
     out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command (runs kept by `--resume` are "
             f"not re-timed); method time summed over all {len(doc['records'])} runs: {total:.1f} s (cached source "
             f"models/teachers not counted in `time`).", ""]
+    sfda_recs = [r for r in doc["records"] if r.get("task") == "sfda"]
+    if sfda_recs:
+        summ = sfda_summary(sfda_recs)
+        has_heldout = any(r.get("heldout") for r in sfda_recs)
+        out += ["## Summary over tasks" + (" (headline: the held-out mean)" if has_heldout else ""), ""]
+        if has_heldout:
+            out.append("Held-out tasks were fixed before any tuning and never used to choose a setting. Each mean "
+                       "is over tasks (each task's mean over seeds). `returned` is what dfkt.adapt returns (after the "
+                       "label-free collapse guard); `last epoch` is the unguarded final model.")
+            out.append("")
+        out.append("| method | held-out returned % | held-out last epoch % | held-out source-only % | dev returned % "
+                   "| dev last epoch % | dev source-only % | runs < source-only - 1 (returned / last epoch) "
+                   "| guard fired |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in summ:
+            out.append(f"| {r['method']} | {_f(r['heldout_acc'])} | {_f(r['heldout_unguarded'])} | "
+                       f"{_f(r['heldout_ref'])} | {_f(r['dev_acc'])} | {_f(r['dev_unguarded'])} | {_f(r['dev_ref'])} "
+                       f"| {r['below_returned']} / {r['below_unguarded']} of {r['runs']} "
+                       f"| {r['guard_fired']} of {r['runs']} |")
+        out.append("")
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_task[r["task_name"]].append(r)
     for task, rs in by_task.items():
-        out.append(f"## {task}")
+        out.append(f"## {task}{' (held-out)' if rs[0].get('heldout') else ''}")
         out.append("")
         if rs[0].get("teacher") is not None:
             out.append("| method | teacher | student | student acc % (mean ± std) | % of teacher | teacher acc % "
@@ -82,19 +143,30 @@ def markdown(doc: dict) -> str:
                            f"| {r['of_teacher']:.1f} | {r['ref_acc']:.2f} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
                            f"| {r['seeds']} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
         else:
-            out.append("| method | target acc % (last epoch, mean ± std) | source-only % | gain | SND-selected % "
+            out.append("| method | returned acc % (mean ± std) | last epoch % | source-only % | gain | guard fired "
                        "| time s | seeds | per seed |")
-            out.append("|---|---|---|---|---|---|---|---|")
+            out.append("|---|---|---|---|---|---|---|---|---|")
             for r in sorted(rs, key=lambda r: -r["acc"]):
-                sel = r.get("selected_acc_snd")
-                sel_s = f"{sel:.2f}" if sel is not None and not math.isnan(sel) else "-"
-                out.append(f"| {r['method']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {r['ref_acc']:.2f} | "
-                           f"{r['acc'] - r['ref_acc']:+.2f} | {sel_s} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
+                out.append(f"| {r['method']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {_f(r['acc_unguarded'])} | "
+                           f"{r['ref_acc']:.2f} | {r['acc'] - r['ref_acc']:+.2f} | {r['guard_fired']} "
+                           f"| {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
                            f"| {r['seeds']} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
         out.append("")
-    out.append("Accuracy is the last epoch's (never selected with target labels); time is the method's own "
-               "training time, excluding cached source/teacher training and evaluation.")
+    out.append("SFDA accuracy is that of the returned model (the last epoch, or the epoch the label-free guard "
+               "rolled back to; never selected with target labels); time is the method's own training time, "
+               "excluding cached source/teacher training and evaluation.")
     return "\n".join(out) + "\n"
+
+
+def _grid(plt, n: int, ncols: int = 5):
+    """A figure with ``n`` panels in rows of at most ``ncols`` (unused panels hidden); flat list of axes."""
+    cols = min(ncols, max(1, n))
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
 
 
 def plots(doc: dict, out: Path) -> list[Path]:
@@ -110,8 +182,8 @@ def plots(doc: dict, out: Path) -> list[Path]:
     rows = summarize(doc["records"])
     tasks = sorted({r["task_name"] for r in rows})
     # accuracy per method, one panel per task
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _grid(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
         rs = sorted([r for r in rows if r["task_name"] == task], key=lambda r: r["acc"])
         ax.barh([r["method"] for r in rs], [r["acc"] for r in rs], xerr=[r["acc_std"] for r in rs], color="#4c72b0")
         ax.axvline(rs[0]["ref_acc"], color="k", ls="--", lw=1, label="source-only / teacher")
@@ -119,15 +191,15 @@ def plots(doc: dict, out: Path) -> list[Path]:
         ax.set_xlim(max(0, lo - 5), 100)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("accuracy %")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     p = out / "accuracy.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     made.append(p)
     # accuracy vs wall time (curves of every run)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _grid(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
         methods = sorted({r["method"] for r in doc["records"] if r["task_name"] == task})
         for i, m in enumerate(methods):
             for r in doc["records"]:

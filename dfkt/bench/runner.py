@@ -169,7 +169,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                     continue
                 if (task.name, name, seed) in done:
                     continue
-                override = (suite.quick.overrides.get(name) if quick else None) or task.overrides.get(name)
+                override = suite.quick.overrides.get(name) if quick else None
                 pending.append((task, name, seed, override))
     t_suite = time.perf_counter()
 
@@ -272,9 +272,14 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     res = api.adapt(model, target, method=suite.methods[name].method or name, seed=seed, device=device, train=train, **opts)
     from ..sfda.selection import select_epoch
 
-    sel = select_epoch(res.history, "snd")
+    sel = select_epoch(res.history, "snd") if any("snd" in r for r in res.history.records) else {}
+    guard = res.guard or {}
     return {"task": "sfda", "method": name, "source": _domain_label(task.source),
-            "target": _domain_label(task.target), "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
+            "target": _domain_label(task.target), "heldout": task.heldout,
+            "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
+            "acc_unguarded": round(float(res.history.last.get("acc", res.acc)), 3),
+            "guard_fired": bool(guard.get("fired", False)), "returned_epoch": guard.get("returned_epoch"),
+            "guard_reason": guard.get("reason"),
             "wall_s": round(res.wall_s, 3), "epochs": len(res.history.records),
             "selected_acc_snd": round(float(sel.get("acc", float("nan"))), 3) if sel else None,
             "curve": _history_curve(res.history)}

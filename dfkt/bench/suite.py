@@ -51,14 +51,28 @@ class MethodRun:
 
 @dataclass
 class TaskSpec:
-    """SFDA: source -> target. DFKD: the name of a dataset entry (the evaluation data)."""
+    """SFDA: source -> target. DFKD: the name of a dataset entry (the evaluation data).
+
+    ``heldout: true`` marks a task of the held-out half: fixed before any tuning, never used to choose
+    a setting, reported apart (the headline of a shift suite is the held-out mean).
+    """
 
     name: str
     source: Optional[DomainSpec] = None
     target: Optional[DomainSpec] = None
-    overrides: dict = field(default_factory=dict)      # method -> {options: {...}, train: {...}}
+    heldout: bool = False
     methods: Optional[list[str]] = None                # restrict to these methods
     source_options: dict = field(default_factory=dict)  # merged into the source recipe's options (SFDA)
+    overrides: Optional[dict] = None                   # refused: see validate()
+
+    def validate(self, where: str = "task") -> None:
+        if self.overrides is not None:
+            raise ConfigError(
+                f"{where}: task {self.name!r} has per-task `overrides`, which suites do not allow: every "
+                f"method runs with the same settings on every task (what dfkt.adapt/distill does with those "
+                f"settings), so that no figure comes from settings tuned to its task. Remove `overrides`; to "
+                f"compare other settings, add a named variant under `methods:` (e.g. `shot-b03: {{method: "
+                f"shot, options: {{beta: 0.3}}}}`), which runs the same way on every task.")
 
 
 @dataclass
@@ -83,12 +97,21 @@ class Suite:
     input_shape: Optional[list[int]] = None            # DFKD
     num_classes: int = 10
     quick: QuickSpec = field(default_factory=QuickSpec)
+    defaults_only: bool = False                        # every method runs at its registered defaults
 
     def validate(self) -> None:
         from ..registry import get_method
 
         for name, run in self.methods.items():
             get_method(run.method or name, task=self.task)   # unknown method: a clear error at load time
+            if self.defaults_only and (run.options or run.train):
+                raise ConfigError(
+                    f"suite {self.suite!r} runs every method at its registered defaults (defaults_only: true), "
+                    f"but method {name!r} sets {'options' if run.options else 'train'} "
+                    f"{run.options or run.train}; remove them (change the method's defaults instead, with the "
+                    f"reason in its docstring) or set defaults_only: false.")
+        if self.defaults_only and self.quick.overrides:
+            raise ConfigError(f"suite {self.suite!r}: defaults_only suites take no quick.overrides.")
         if self.task == "sfda" and self.source is None:
             raise ConfigError(f"suite {self.suite!r}: an sfda suite needs a `source` recipe.")
         if self.task == "dfkd":

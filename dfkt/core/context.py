@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class TrainConfig:
     eval_every: int = 1
     time_budget_s: Optional[float] = None   # stop after this much training time (checked per step)
     progress: bool = True
+    on_collapse: Literal["rollback", "warn", "stop"] = "rollback"   # SFDA: the label-free collapse guard
 
     def validate(self) -> None:
         for name in ("epochs", "iters_per_epoch", "batch_size", "checkpoint_every", "eval_every", "max_bad_steps"):
