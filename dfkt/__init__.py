@@ -3,7 +3,8 @@
 Two branches on one core of "data reconstruction + knowledge transfer":
 
 * ``dfkt.distill(teacher, student, method=...)`` — data-free knowledge distillation (DFKD);
-* ``dfkt.adapt(model, target, method=...)`` — source-free domain adaptation (SFDA).
+* ``dfkt.adapt(model, target, method=...)`` — source-free domain adaptation (SFDA);
+* ``dfkt.tta(model, stream, method=...)`` — online test-time adaptation (predict, then adapt, on a stream).
 """
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import logging
 
 # Load the method packages first: `dfkt.distill` must end up naming the function, not the subpackage.
 from . import distill as _distill_methods  # noqa: F401  (registers the DFKD methods)
+from . import online as _online_methods  # noqa: F401  (registers the online TTA methods)
 from . import sfda as _sfda_methods  # noqa: F401  (registers the SFDA methods)
 from .api import Result, adapt, distill, load, train_supervised
 from .core.context import TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, DfktError, ModelError, NonFiniteError
+from .online.api import TTAResult, tta
+from .online.stream import Stream
 from .registry import list_methods, register
 
 __version__ = "0.1.0"
-__all__ = ["adapt", "distill", "load", "list_methods", "register", "train_supervised", "Result", "TrainConfig",
+__all__ = ["adapt", "distill", "tta", "load", "list_methods", "register", "train_supervised", "Result", "TrainConfig",
+           "Stream", "TTAResult",
            "DfktError", "ConfigError", "DataError", "ModelError", "CheckpointError", "NonFiniteError"]
 
 logging.getLogger("dfkt").addHandler(logging.NullHandler())

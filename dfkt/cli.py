@@ -1,4 +1,4 @@
-"""Command line: ``dfkt demo | adapt | distill | train-source | train-teacher | bench | list``."""
+"""Command line: ``dfkt demo | adapt | distill | tta | train-source | train-teacher | bench | list``."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,35 @@ def cmd_distill(args) -> int:
                        num_classes=cfg.num_classes, eval_data=eval_data, train=cfg.train, out=cfg.out,
                        resume=args.resume, **cfg.options)
     _print_result(res)
+    return 0
+
+
+def cmd_tta(args) -> int:
+    from .config import apply_overrides, from_dict, load_yaml
+    from .core.checkpoint import load_model
+    from .online.api import tta
+    from .online.config import TTAConfig
+
+    cfg = from_dict(TTAConfig, apply_overrides(load_yaml(args.config), args.set), "tta config")
+    _train_overrides(cfg, args)
+    get_method(cfg.method, task="tta")
+    model = cfg.model.build() if cfg.model.name else None
+    if cfg.source_model:
+        model = load_model(cfg.source_model, model=model)
+    if model is None:
+        raise ConfigError("tta config: give `source_model` (a dfkt model.pt) and/or `model`.")
+    stream = cfg.build_stream(args.data_root)
+    source_data = cfg.source_data.build(args.data_root) if cfg.source_data else None
+    res = tta(model, stream, method=cfg.method, chunk_batches=cfg.chunk_batches, source_data=source_data,
+              train=cfg.train, out=cfg.out, resume=args.resume,
+              num_classes=cfg.model.num_classes if cfg.model.name else None, **cfg.options)
+    print(f"method: {res.method} ({res.protocol}, {len(res.predictions)} samples, batch {cfg.train.batch_size or 'default'})")
+    for name, err in res.errors().items():
+        print(f"  {name:<20} err {err:6.2f} %")
+    print(f"  {'mean':<20} err {res.mean_err:6.2f} %")
+    print(f"  {res.samples_per_s:.0f} samples/s ({res.wall_s:.1f} s)")
+    if res.path:
+        print(f"  saved: {res.path}")
     return 0
 
 
@@ -198,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("adapt", help="source-free domain adaptation from a config"))
     common(sub.add_parser("distill", help="data-free distillation from a config"))
+    common(sub.add_parser("tta", help="online test-time adaptation on a stream from a config"))
     common(sub.add_parser("train-source", help="train a source model (SHOT's recipe: label smoothing 0.1)"))
     common(sub.add_parser("train-teacher", help="train a teacher (cross-entropy, cosine schedule)"))
     b = sub.add_parser("bench", help="run a benchmark suite from benchmarks/")
@@ -220,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="write results.json/report.md there")
     common(d, config=False)
     ls = sub.add_parser("list", help="methods, models, domains and suites")
-    ls.add_argument("--task", choices=["sfda", "dfkd"])
+    ls.add_argument("--task", choices=["sfda", "dfkd", "tta"])
     common(ls, config=False)
     return p
 
@@ -228,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
-    handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
+    handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "tta": cmd_tta, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
                 "train-source": lambda a: cmd_train(a, True), "train-teacher": lambda a: cmd_train(a, False)}
     try:
         return handlers[args.cmd](args)

@@ -96,6 +96,10 @@ def _threads_note(records: list[dict], env_threads) -> list[str]:
 
 
 def markdown(doc: dict) -> str:
+    from .tta import is_tta, markdown as tta_markdown
+
+    if is_tta(doc):
+        return tta_markdown(doc)
     rows = summarize(doc["records"])
     env = doc.get("env", {})
     out = [f"# Suite `{doc['suite']}`{' (quick)' if doc.get('quick') else ''}", ""]
@@ -178,6 +182,10 @@ def plots(doc: dict, out: Path) -> list[Path]:
     except ImportError:
         log.info("matplotlib not installed: no plots (pip install 'dfkt[plots]')")
         return []
+    from .tta import is_tta, plots as tta_plots
+
+    if is_tta(doc):
+        return tta_plots(doc, out)
     made = []
     rows = summarize(doc["records"])
     tasks = sorted({r["task_name"] for r in rows})

@@ -173,12 +173,15 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                 pending.append((task, name, seed, override))
     t_suite = time.perf_counter()
 
-    def finish(rec: dict, task: TaskSpec, name: str, seed: int, threads: int) -> None:
-        rec.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev),
-                    "torch_threads": threads})   # timings depend on it
-        records.append(rec)
-        log.info("%s | %s | seed %d: acc %.2f (ref %.2f) in %.1f s", task.name, name, seed, rec["acc"],
-                 rec["ref_acc"], rec["wall_s"])
+    def finish(rec: dict | list[dict], task: TaskSpec, name: str, seed: int, threads: int) -> None:
+        recs = rec if isinstance(rec, list) else [rec]      # a tta run gives one record per corruption
+        for r in recs:
+            r.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev),
+                      "torch_threads": threads})   # timings depend on it
+        records.extend(recs)
+        score = (f"acc {recs[0]['acc']:.2f} (ref {recs[0]['ref_acc']:.2f})" if "acc" in recs[0] else
+                 f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
+        log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))
 
@@ -201,9 +204,15 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
 
 
 def _run_one(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Path, device: str, override,
-             progress: bool, out: Path) -> dict:
-    fn = _run_sfda if suite.task == "sfda" else _run_dfkd
-    return fn(suite, task, name, seed, root, cache, device, override, progress, out)
+             progress: bool, out: Path) -> dict | list[dict]:
+    return _task_runners()[suite.task](suite, task, name, seed, root, cache, device, override, progress, out)
+
+
+def _task_runners() -> dict:
+    """suite.task -> the function running one (task, method, seed); it returns a record (or a list of them)."""
+    from .tta import run_tta
+
+    return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta}
 
 
 def _worker_init(threads: int) -> None:
@@ -215,9 +224,9 @@ def _worker_run(args: tuple) -> tuple[dict, int]:
 
 
 def _base_model(suite: Suite, task: TaskSpec, name: str, seed: int) -> tuple[ModelRecipe, int]:
-    """The cached model a run starts from: (recipe, seed) of the SFDA source model (one per seed) or
+    """The cached model a run starts from: (recipe, seed) of the SFDA/TTA source model (one per seed) or
     of the DFKD teacher (one, trained with seed 0)."""
-    if suite.task == "sfda":
+    if suite.task in ("sfda", "tta"):
         return _source_recipe(suite, task), seed
     run = suite.methods[name]
     return suite.teachers[run.teacher or next(iter(suite.teachers))], 0

@@ -1,7 +1,8 @@
 """Suite files (benchmarks/<name>.yaml) validated into dataclasses.
 
 An SFDA suite trains (and caches) one source model per (source domain, seed) and adapts it to each
-target with each method; a DFKD suite trains (and caches) teachers and distils them into students.
+target with each method; a DFKD suite trains (and caches) teachers and distils them into students; a
+TTA suite adapts the cached source models online on corruption streams (dfkt/bench/tta.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Literal, Optional
 
 from ..config import from_dict, load_yaml
 from ..errors import ConfigError, suggest
+from ..online.config import StreamSpec
 
 
 @dataclass
@@ -64,6 +66,7 @@ class TaskSpec:
     methods: Optional[list[str]] = None                # restrict to these methods
     source_options: dict = field(default_factory=dict)  # merged into the source recipe's options (SFDA)
     overrides: Optional[dict] = None                   # refused: see validate()
+    stream: Optional[StreamSpec] = None                # TTA: corruptions, severity, protocol of the stream
 
     def validate(self, where: str = "task") -> None:
         if self.overrides is not None:
@@ -86,7 +89,7 @@ class QuickSpec:
 @dataclass
 class Suite:
     suite: str
-    task: Literal["sfda", "dfkd"]
+    task: Literal["sfda", "dfkd", "tta"]
     methods: dict[str, MethodRun]
     tasks: list[TaskSpec]
     seeds: int = 3
@@ -112,6 +115,9 @@ class Suite:
                     f"reason in its docstring) or set defaults_only: false.")
         if self.defaults_only and self.quick.overrides:
             raise ConfigError(f"suite {self.suite!r}: defaults_only suites take no quick.overrides.")
+        if self.task == "tta":
+            from .tta import validate
+            validate(self)
         if self.task == "sfda" and self.source is None:
             raise ConfigError(f"suite {self.suite!r}: an sfda suite needs a `source` recipe.")
         if self.task == "dfkd":

@@ -114,10 +114,17 @@ FEATURE_LOSSES = {"at": attention_transfer, "sp": similarity_preserving, "pkt": 
 
 
 # ----- adaptation (SFDA) ---------------------------------------------------------------------------
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-sample Shannon entropy of softmax(logits)."""
+def entropy(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Shannon entropy of softmax(logits): the batch mean, or per sample with ``reduction='none'``."""
     p = F.softmax(logits, 1)
-    return -(p * torch.log(p + EPS)).sum(1).mean()
+    per = -(p * torch.log(p + EPS)).sum(1)
+    return per if reduction == "none" else per.mean()
+
+
+def soft_ce(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of softmax(logits) against the soft target softmax(target_logits)
+    (mean-teacher consistency; gradients reach both arguments unless the caller detaches one)."""
+    return -(F.softmax(target_logits, 1) * F.log_softmax(logits, 1)).sum(1)
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:

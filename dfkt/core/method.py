@@ -111,3 +111,13 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, buffers: bool = False) -> None:
+    """Mean teacher: ``ema <- decay * ema + (1 - decay) * model`` for every parameter (one fused op);
+    ``buffers=True`` also copies the model's buffers (e.g. BatchNorm statistics) into ``ema``."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    if buffers:
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)
