@@ -31,7 +31,7 @@ from .core.method import Method
 from .core.supervised import Supervised, SupervisedOptions
 from .errors import CollapseError, ConfigError, DataError, ModelError, suggest
 from .models import check_input
-from .models.split import num_classes_of
+from .models.split import adopt, num_classes_of, restore_outputs
 from .registry import get_method
 
 log = logging.getLogger("dfkt")
@@ -102,6 +102,63 @@ def _sample_shape(dataset) -> tuple:
     return tuple(torch.as_tensor(x).shape)
 
 
+def _labels_of(dataset) -> torch.Tensor | None:
+    labels = getattr(dataset, "labels", None)
+    if torch.is_tensor(labels):
+        return labels
+    targets = getattr(dataset, "targets", None)
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, int) for t in targets[:1]):
+        return torch.as_tensor(targets)
+    return None
+
+
+def _labelled(dataset) -> bool:
+    labels = _labels_of(dataset)
+    if labels is not None:
+        return bool((labels >= 0).any())
+    item = dataset[0]
+    y = item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else -1
+    return int(torch.as_tensor(y).reshape(-1)[0]) >= 0
+
+
+def _label_hint(dataset) -> str:
+    """' (its labels start at 1, ...)' when a data set's labels look 1-based."""
+    labels = _labels_of(dataset)
+    if labels is None or not bool((labels >= 0).any()):
+        return ""
+    valid = labels[labels >= 0]
+    if int(valid.min()) == 1:
+        return (f" (its labels run from 1 to {int(valid.max())}: dfkt counts classes from 0, so subtract 1 "
+                f"from every label)")
+    folders = getattr(dataset, "classes", None)
+    return f" (class folders: {', '.join(map(str, folders))})" if folders else ""
+
+
+def _check_train_labels(dataset) -> None:
+    item = dataset[0]
+    t = torch.as_tensor(item[1] if isinstance(item, (tuple, list)) and len(item) > 1 else -1)
+    if t.is_floating_point():
+        raise DataError(f"training labels are floats (e.g. {float(t.reshape(-1)[0]):g}); class labels must be "
+                        f"integers 0..K-1: convert them (.long()) or argmax one-hot / soft labels.")
+    if int(t.reshape(-1)[0]) < 0 and not _labelled(dataset):
+        raise DataError("the training set has no labels (an unlabeled set yields -1); supervised training needs "
+                        "labelled samples.")
+
+
+def _check_class_names(model: nn.Module, data) -> None:
+    """A labelled data set whose class folders map names to other indices than the model's is refused."""
+    mine = getattr(model, "dfkt_classes", None)
+    theirs = getattr(data, "classes", None) if data is not None else None
+    if not mine or not theirs or list(map(str, theirs)) == list(mine):
+        return
+    diff = next(((i, a, b) for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+    where = (f"index {diff[0]} is {diff[1]!r} for the model but {diff[2]!r} for the data" if diff else
+             f"the model knows {len(mine)} classes, the data {len(theirs)}")
+    raise DataError(f"the data's class folders map class names to other label indices than the model was trained "
+                    f"with ({where}); give the target the same class folders (names) as the source, or relabel it. "
+                    f"Model classes: {', '.join(mine[:20])}{' ...' if len(mine) > 20 else ''}.")
+
+
 def _check_indexed(dataset, method_cls: type) -> None:
     dataset_len(dataset)   # empty / no length -> DataError before dataset[0]
     if _tensor_pair(dataset):
@@ -126,7 +183,7 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
     t0 = time.perf_counter()
     history = fit(method, eval_fn=eval_fn, resume=resume, meta={"fingerprint": fp, "config": json.dumps(cfg, default=str)})
     wall = time.perf_counter() - t0
-    model = dist.unwrap(method.model())
+    model = restore_outputs(dist.unwrap(method.model()))
     metrics = {k: v for k, v in history.last.items() if k not in ("epoch", "step")}
     info = None
     if finish is not None:
@@ -143,6 +200,9 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
 
 
 def _prepare(train: TrainConfig, out) -> tuple[torch.device, torch.Generator]:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out={str(out)!r} is an existing file; `out` names a folder (model.pt, history.json "
+                          f"and resume.pt go in it): pass a folder path.")
     device = resolve_device(train.device)
     dist.init_from_env(device)
     if out is not None and train.checkpoint_dir is None:
@@ -150,11 +210,42 @@ def _prepare(train: TrainConfig, out) -> tuple[torch.device, torch.Generator]:
     return device, seed_everything(train.seed)
 
 
-def _frozen_copy(model: nn.Module, device) -> nn.Module:
-    m = copy.deepcopy(dist.unwrap(model)).to(device).eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
+def _own_copy(model: nn.Module, device, shape: tuple, role: str, trains: bool = True, warn: bool = True) -> nn.Module:
+    """The copy of ``model`` a run works on: float32, on ``device``, checked against the input shape,
+    its head found and checked (``adopt``: logits-only outputs); the caller's model is never changed."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the {role} must be a torch nn.Module, got {type(model).__name__}.")
+    m = copy.deepcopy(dist.unwrap(model))
+    low = sorted({str(t.dtype).replace("torch.", "") for t in list(m.parameters()) + list(m.buffers())
+                  if t.is_floating_point() and t.dtype != torch.float32})
+    if low and warn:
+        log.warning("the %s holds %s tensors; dfkt works on a float32 copy (mixed precision on CUDA comes "
+                    "from train.amp)", role, "/".join(low))
+    if low:
+        m = m.float()
+    m = m.to(device)
+    params = list(m.parameters())
+    if trains and params and not any(p.requires_grad for p in params):
+        log.warning("every parameter of the %s is frozen (requires_grad=False); dfkt unfreezes them in its copy "
+                    "and the method chooses which ones train (e.g. SHOT: all but the head; tent: the "
+                    "normalisation layers' scale/shift)", role)
+        for p in params:
+            p.requires_grad_(True)
+    check_input(m, shape)
+    example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    adopt(m, example)
+    m.dfkt_input_shape = [int(v) for v in shape]
+    if not trains:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
     return m
+
+
+def _check_classes(n: int, role: str) -> None:
+    if n < 2:
+        raise ModelError(f"the {role}'s head has {n} output; a classifier needs at least 2 classes (for a "
+                         f"binary task give it 2 outputs).")
 
 
 def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | None = None,
@@ -163,28 +254,33 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
     """Source-free domain adaptation of ``model`` to the unlabeled ``target`` data set.
 
     ``target`` yields ``(x, y, index)``; ``y`` is used only to *score* (reported accuracy), never
-    to train or select. ``options`` mix method options (e.g. ``beta=0.1``) and training options
-    (``epochs``, ``lr``, ``batch_size``, ``device``, ``seed``...). Returns a :class:`Result` with
-    the adapted model (``model`` itself is not modified).
+    to train or select; an unlabeled target (``y = -1``) reports label-free scores only. ``options``
+    mix method options (e.g. ``beta=0.1``) and training options (``epochs``, ``lr``, ``batch_size``,
+    ``device``, ``seed``...). ``seed`` fixes the run (data order, augmentations, dropout), not
+    ``model``'s initial weights: build it with ``build_model(..., seed=)`` (or call
+    ``torch.manual_seed`` first) for those. Returns a :class:`Result` with the adapted model
+    (``model`` itself is not modified).
     """
     cls = get_method(method, task="sfda")
     opts, tc = split_options(cls, options, train)
     device, rng = _prepare(tc, out)
-    head_classes = num_classes_of(model)
+    _check_indexed(target, cls)
+    shape = _sample_shape(target)
+    learner = _own_copy(model, device, shape, "model")
+    head_classes = num_classes_of(learner)
+    _check_classes(head_classes, "model")
     if num_classes is not None and num_classes != head_classes:
         raise ModelError(f"the model's head has {head_classes} outputs but num_classes={num_classes}; "
                          f"adapt a model trained on the same {num_classes} classes, or fix num_classes.")
-    _check_indexed(target, cls)
-    shape = _sample_shape(target)
-    learner = copy.deepcopy(dist.unwrap(model)).to(device)
-    check_input(learner, shape)
     if cls.needs_learner_bn:
         batchnorm_layers(learner, cls.name)
     n_target_classes = getattr(target, "num_classes", 0) or 0
     if n_target_classes > head_classes:
         raise ModelError(f"the target data set has {n_target_classes} classes but the model's head has "
-                         f"{head_classes}; SFDA here assumes the same label space (closed set).")
-    ctx = Context(learner=learner, teacher=_frozen_copy(model, device), train=tc, device=device,
+                         f"{head_classes}{_label_hint(target)}; SFDA here assumes the same label space (closed set).")
+    for data in (target, eval_data):
+        _check_class_names(learner, data)
+    ctx = Context(learner=learner, teacher=_own_copy(model, device, shape, "model", trains=False, warn=False), train=tc, device=device,
                   num_classes=head_classes, input_shape=shape, target=target, rng=rng)
     view = getattr(target, "eval_view", None)
     view = target if view is None else view
@@ -225,23 +321,23 @@ def distill(teacher: nn.Module, student: nn.Module, method: str = "dafl", *, inp
             out: str | Path | None = None, resume: bool = False, **options: Any) -> Result:
     """Data-free distillation of ``teacher`` into ``student`` on inputs of ``input_shape`` (C, H, W).
 
-    No training data is used; ``eval_data`` (optional, labelled) only scores the student.
+    No training data is used; ``eval_data`` (optional, labelled) only scores the student. ``seed``
+    fixes the run, not the student's initial weights (build it with ``build_model(..., seed=)``).
     """
     cls = get_method(method, task="dfkd")
     opts, tc = split_options(cls, options, train)
     device, rng = _prepare(tc, out)
     input_shape = tuple(int(s) for s in input_shape)
+    teacher = _own_copy(teacher, device, input_shape, "teacher", trains=False)
+    student = _own_copy(student, device, input_shape, "student")
     t_classes, s_classes = num_classes_of(teacher), num_classes_of(student)
+    _check_classes(t_classes, "teacher")
     if t_classes != s_classes:
         raise ModelError(f"teacher has {t_classes} classes but student has {s_classes}; build the student "
                          f"with num_classes={t_classes}.")
     if num_classes is not None and num_classes != t_classes:
         raise ModelError(f"num_classes={num_classes} but the teacher's head has {t_classes} outputs; "
                          f"fix num_classes or use the right teacher.")
-    teacher = _frozen_copy(teacher, device)
-    student = copy.deepcopy(dist.unwrap(student)).to(device)
-    check_input(teacher, input_shape)
-    check_input(student, input_shape)
     if cls.needs_teacher_bn:
         batchnorm_layers(teacher, cls.name)
     if eval_data is not None:
@@ -274,18 +370,27 @@ def train_supervised(model: nn.Module, train_set, val_set=None, *, out: str | Pa
     """Supervised recipe for a source model / teacher; keeps the epoch with the best validation accuracy.
 
     Options: ``smoothing`` (0.1 = SHOT's source recipe), ``schedule`` ('poly' | 'cosine' | 'none'),
-    ``augment`` and the training options (epochs, lr, batch_size, ...).
+    ``augment`` and the training options (epochs, lr, batch_size, ...). ``seed`` fixes the run, not
+    ``model``'s initial weights: build it with ``build_model(..., seed=)`` for reproducible ones.
     """
     opts, tc = split_options(Supervised, options, train)
     device, rng = _prepare(tc, out)
-    _sample_shape(train_set)
-    n_cls = num_classes_of(model)
+    shape = _sample_shape(train_set)
+    learner = _own_copy(model, device, shape, "model")
+    n_cls = num_classes_of(learner)
+    _check_classes(n_cls, "model")
+    _check_train_labels(train_set)
     labels = getattr(train_set, "labels", None)
     if labels is not None and int(labels.max()) >= n_cls:
-        raise ModelError(f"training labels go up to {int(labels.max())} but the model has {n_cls} outputs; "
-                         f"build the model with num_classes={int(labels.max()) + 1}.")
-    learner = copy.deepcopy(model).to(device)
-    check_input(learner, _sample_shape(train_set))
+        raise ModelError(f"training labels go up to {int(labels.max())} but the model has {n_cls} outputs"
+                         f"{_label_hint(train_set)}; build the model with num_classes={int(labels.max()) + 1}.")
+    if val_set is not None and not _labelled(val_set):
+        raise DataError("the validation set has no labels; train_supervised selects the epoch by validation "
+                        "accuracy: give a labelled val set, or none.")
+    names = getattr(train_set, "classes", None)
+    if names:
+        _check_class_names(learner, val_set)
+        learner.dfkt_classes = [str(c) for c in names]    # saved in model.pt; checked against targets
     ctx = Context(learner=learner, teacher=None, train=tc, device=device, num_classes=n_cls,
                   input_shape=_sample_shape(train_set), rng=rng)
     best = _BestEpoch()

@@ -61,20 +61,20 @@ def _train_overrides(cfg, args) -> None:
 
 def cmd_adapt(args) -> int:
     from . import api as dfkt     # not ``import dfkt``: the subpackage dfkt.distill can shadow dfkt.distill()
-    from .core.checkpoint import load_model
-
     cfg = _load("adapt", args)
     _train_overrides(cfg, args)
     get_method(cfg.method, task="sfda")  # fail fast, before any loading
-    model = cfg.model.build() if cfg.model.name else None
     if cfg.source_model:
-        model = load_model(cfg.source_model, model=model)
-    if model is None:
+        if cfg.model.checkpoint and cfg.model.checkpoint != cfg.source_model:
+            raise ConfigError("adapt config: give the source weights once: `source_model` or `model.checkpoint`.")
+        cfg.model.checkpoint = cfg.source_model
+    if cfg.model.arch is None and cfg.model.checkpoint is None:
         raise ConfigError("adapt config: give `source_model` (a dfkt model.pt) and/or `model`.")
+    model = cfg.model.build()
     target = cfg.target.build(args.data_root)
     eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
     res = dfkt.adapt(model, target, method=cfg.method, eval_data=eval_data, train=cfg.train, out=cfg.out,
-                     resume=args.resume, num_classes=cfg.model.num_classes if cfg.model.name else None, **cfg.options)
+                     resume=args.resume, num_classes=cfg.model.num_classes if cfg.model.arch else None, **cfg.options)
     _print_result(res)
     return 0
 
@@ -86,10 +86,11 @@ def cmd_distill(args) -> int:
     _train_overrides(cfg, args)
     get_method(cfg.method, task="dfkd")
     teacher = cfg.teacher.build()
-    if cfg.student.name is None:
-        raise ConfigError("distill config: student needs `name` (a registry model, see `dfkt list`).")
+    if cfg.student.arch is None:
+        raise ConfigError("distill config: student needs `name` (a registry model, see `dfkt list`), `timm` or "
+                          "`torchvision`.")
     if "num_classes" not in (cfg.student.kwargs or {}):
-        cfg.student.num_classes = cfg.teacher.num_classes if cfg.teacher.name else cfg.student.num_classes
+        cfg.student.num_classes = cfg.teacher.num_classes if cfg.teacher.arch else cfg.student.num_classes
     student = cfg.student.build()
     eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
     res = dfkt.distill(teacher, student, method=cfg.method, input_shape=tuple(cfg.input_shape),
@@ -168,7 +169,7 @@ def cmd_bench(args) -> int:
     doc = run_suite(suite, out, seeds=args.seeds, quick=args.quick, data_root=args.data_root,
                     cache_dir=args.cache, device=args.device or "auto",
                     methods=args.methods.split(",") if args.methods else None, resume=args.resume,
-                    progress=not args.no_progress, command=command,
+                    progress=False if args.no_progress else None, command=command,
                     tasks=args.tasks.split(",") if args.tasks else None, jobs=args.jobs,
                     merge=args.merge.split(",") if args.merge else None)
     from .bench.report import markdown, publish
@@ -186,7 +187,22 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, device=args.device or "auto", progress=not args.no_progress)
+    return run_demo(out=args.out, device=args.device or "auto", progress=False if args.no_progress else None)
+
+
+def cmd_export(args) -> int:
+    from .deploy import export
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.replace("x", ",").split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape {args.input_shape!r}: give C,H,W, e.g. 3,32,32") from None
+    res = export(args.model, format=args.format, out=args.out, input_shape=shape)
+    print(f"exported {res.path} ({res.format}, {res.size_bytes / 1e6:.2f} MB; input {'x'.join(map(str, res.input_shape))}"
+          f" with a dynamic batch; max |difference| to PyTorch {res.max_abs_diff:.2g})")
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -207,7 +223,10 @@ def cmd_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="dfkt", description="Data-free knowledge transfer: DFKD and SFDA.")
+    p.add_argument("--version", action="version", version=f"dfkt {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -249,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="both branches on the embedded digits, in a few minutes")
     d.add_argument("--out", help="write results.json/report.md there")
     common(d, config=False)
+    e = sub.add_parser("export", help="write a model.pt as ONNX or TorchScript (checked against PyTorch)")
+    e.add_argument("model", help="a dfkt model.pt")
+    e.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    e.add_argument("--out", help="file to write (default: model.onnx / model.ts next to model.pt)")
+    e.add_argument("--input-shape", help="C,H,W (default: the shape the model was trained on)")
+    common(e, config=False)
     ls = sub.add_parser("list", help="methods, models, domains and suites")
     ls.add_argument("--task", choices=["sfda", "dfkd", "tta"])
     common(ls, config=False)
@@ -259,9 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "tta": cmd_tta, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
+                "export": cmd_export,
                 "train-source": lambda a: cmd_train(a, True), "train-teacher": lambda a: cmd_train(a, False)}
     try:
-        return handlers[args.cmd](args)
+        rc = handlers[args.cmd](args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:          # e.g. `dfkt list | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except DfktError as e:
         print(f"dfkt {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -35,5 +35,9 @@ class NonFiniteError(DfktError, RuntimeError):
 
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean ...?' for a misspelled name, or an empty string."""
-    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
+    choices = list(choices)
+    lower = {str(c).lower(): c for c in choices}
+    if str(name).lower() in lower and lower[str(name).lower()] != name:     # 'SHOT' -> 'shot'
+        return f" Did you mean {lower[str(name).lower()]!r}?"
+    close = difflib.get_close_matches(str(name), choices, n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

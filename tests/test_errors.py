@@ -186,13 +186,15 @@ def test_input_shape_the_model_cannot_take(shot_net) -> None:
         dfkt.adapt(shot_net, wrong_size, method="shot", **CPU)
 
 
-@pytest.mark.parametrize("method", ["tent", "adabn"])
-def test_bn_method_on_a_model_without_batchnorm(method) -> None:
+def test_bn_method_on_a_model_without_batchnorm() -> None:
     no_bn = build_model("lenet5", num_classes=10)
     target = get_domain("digits", split="test", size=32)
-    with pytest.raises(ModelError, match=rf"method '{method}' works on BatchNorm layers.*but the model "
+    with pytest.raises(ModelError, match=r"method 'adabn' works on BatchNorm layers.*but the model "
                                          r"\(LeNet5\) has no BatchNorm layers.*SFDA: shot"):
-        dfkt.adapt(no_bn, target, method=method, **CPU)
+        dfkt.adapt(no_bn, target, method="adabn", **CPU)
+    # tent falls back to LayerNorm/GroupNorm; a model with no normalisation layer at all is refused
+    with pytest.raises(ModelError, match=r"tent updates the scale/shift of normalisation layers.*'shot'"):
+        dfkt.adapt(no_bn, target, method="tent", **CPU)
 
 
 def test_deepinversion_on_a_teacher_without_batchnorm() -> None:

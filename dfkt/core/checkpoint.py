@@ -86,6 +86,15 @@ def model_spec(model: nn.Module) -> dict | None:
     return dict(spec) if spec else None
 
 
+# what dfkt knows about a model besides its weights: the head's module name (when dfkt had to find or
+# was told it), the class names behind the label indices, and the input shape it was trained on
+MODEL_INFO = {"head": "dfkt_head", "classes": "dfkt_classes", "input_shape": "dfkt_input_shape"}
+
+
+def model_info(model: nn.Module) -> dict:
+    return {k: getattr(model, a) for k, a in MODEL_INFO.items() if getattr(model, a, None) is not None}
+
+
 def save_model(path: str | Path, model: nn.Module, method: str | None = None, config: dict | None = None,
                metrics: dict | None = None) -> Path:
     """Deployable checkpoint: the model's weights, how to rebuild it, and what made it."""
@@ -94,6 +103,7 @@ def save_model(path: str | Path, model: nn.Module, method: str | None = None, co
     model = unwrap(model)
     return atomic_save({
         "format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_spec": model_spec(model),
+        "model_info": model_info(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "method": method, "config": config or {}, "metrics": metrics or {},
     }, path)
@@ -102,8 +112,8 @@ def save_model(path: str | Path, model: nn.Module, method: str | None = None, co
 def load_model(path: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a deployable checkpoint (or the model inside a resume one).
 
-    Models built by ``dfkt.models.build_model`` are rebuilt from the saved spec; for your own
-    architecture pass an instance as ``model``.
+    Models built by ``dfkt.models.build_model`` (registry, ``timm:NAME``, ``torchvision:NAME``) are
+    rebuilt from the saved spec; for your own architecture pass an instance as ``model``.
     """
     obj = read_checkpoint(path)
     state = obj["state_dict"] if obj["format"] == MODEL_FORMAT else obj["model_state"]
@@ -114,7 +124,12 @@ def load_model(path: str | Path, model: nn.Module | None = None, device: str | t
                                   f"dfkt.load(path, model=MyNet()).")
         from ..models import build_model
 
-        model = build_model(spec["name"], num_classes=spec["num_classes"], **spec.get("kwargs", {}))
+        kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if k != "weights_path"}  # weights: the file's
+        model = build_model(spec["name"], num_classes=spec["num_classes"], **kwargs)
     load_state_strict(model, state, where=f"checkpoint {str(path)!r}")
+    for key, attr in MODEL_INFO.items():
+        value = (obj.get("model_info") or {}).get(key)
+        if value is not None:
+            setattr(model, attr, value)
     model.dfkt_meta = {k: obj.get(k) for k in ("method", "config", "metrics")}
     return model.to(device).eval()

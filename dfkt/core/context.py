@@ -37,7 +37,7 @@ class TrainConfig:
     max_bad_steps: int = 10                 # consecutive NaN/inf steps before the run stops
     eval_every: int = 1
     time_budget_s: Optional[float] = None   # stop after this much training time (checked per step)
-    progress: bool = True
+    progress: Optional[bool] = None         # progress bars; None: only when stderr is a terminal
     on_collapse: Literal["rollback", "warn", "stop"] = "rollback"   # SFDA: the label-free collapse guard
 
     def validate(self) -> None:
@@ -165,6 +165,11 @@ class Context:
 
     def __post_init__(self) -> None:
         self.parts = split(self.learner)
+        # BatchNorm running statistics of the learner as of the last good step: a step the guard skips
+        # (NaN/inf loss or gradients) puts them back, so a bad batch never leaves them non-finite
+        self._bn_live = [b for m in self.learner.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                         for b in (m.running_mean, m.running_var) if b is not None]
+        self._bn_good = [b.detach().clone() for b in self._bn_live]
         use_amp = self.train.amp and self.device.type == "cuda"
         self.amp_dtype = None
         scaler = None
@@ -189,8 +194,16 @@ class Context:
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                  terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False,
                  stream: str = "main") -> bool:
-        """Backward, guard against NaN/inf, step and zero the gradients (``stream``: see StepGuard)."""
-        return self.guard(loss, optimizer, self.step, terms, retain_graph, stream)
+        """Backward, guard against NaN/inf, step and zero the gradients (``stream``: see StepGuard).
+        A skipped step also restores the learner's BatchNorm running statistics to the last good step's."""
+        ok = self.guard(loss, optimizer, self.step, terms, retain_graph, stream)
+        if self._bn_live:
+            with torch.no_grad():
+                if ok:
+                    torch._foreach_copy_(self._bn_good, self._bn_live)
+                else:
+                    torch._foreach_copy_(self._bn_live, self._bn_good)
+        return ok
 
     def loader(self, dataset, shuffle: bool = True, drop_last: bool = False, batch_size: int | None = None,
                shard: bool = True):

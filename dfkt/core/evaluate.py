@@ -80,9 +80,12 @@ def label_free_scores(logits: torch.Tensor) -> dict[str, float]:
 
 def evaluate(model: nn.Module, dataset, device: torch.device, label_free: bool = False,
              batch_size: int = 512) -> dict[str, float]:
-    """{'acc': percent} (+ label-free scores) of ``model`` on ``dataset``."""
+    """{'acc': percent} (+ label-free scores) of ``model`` on ``dataset``; an unlabeled data set (every
+    label -1) has no 'acc', only the label-free scores (given whatever ``label_free`` says)."""
     out = predict(model, dataset, device, batch_size)
-    res = {"acc": accuracy(out["logits"], out["labels"])}
+    labelled = bool((out["labels"] >= 0).any())
+    res = {"acc": accuracy(out["logits"], out["labels"])} if labelled else {}
+    label_free = label_free or not labelled
     if label_free:
         res.update(label_free_scores(out["logits"]))
     return res

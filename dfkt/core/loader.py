@@ -28,13 +28,29 @@ def dataset_len(dataset: Dataset) -> int:
     return n
 
 
+def non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices (into ``x``'s first dimension) of the samples holding NaN/inf values."""
+    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten()
+
+
+def _refuse_non_finite(idx: list[int], n: int | None = None) -> None:
+    of = f" of {n}" if n is not None else ""
+    raise DataError(f"{len(idx)}{of} input sample(s) hold NaN/inf values (sample indices {idx[:10]}"
+                    f"{' ...' if len(idx) > 10 else ''}); remove or repair them: they would turn BatchNorm "
+                    f"statistics and the model into NaN.")
+
+
 class TensorLoader:
-    """Seeded shuffled batches sliced from device-resident tensors; yields (x, y, idx)."""
+    """Seeded shuffled batches sliced from device-resident tensors; yields (x, y, idx).
+
+    Images with NaN/inf values are refused (one check when the loader is made)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, shuffle: bool,
                  drop_last: bool, device: torch.device, generator: torch.Generator | None = None,
                  shard: bool = True):
         self.x = images.to(device)
+        if images.is_floating_point() and not bool(torch.isfinite(self.x).all()):
+            _refuse_non_finite(non_finite_rows(self.x).tolist(), self.x.shape[0])
         n = self.x.shape[0]
         self.y = labels.to(device) if labels is not None else torch.full((n,), -1, dtype=torch.long, device=device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
@@ -61,7 +77,10 @@ class TensorLoader:
 
 
 class DeviceLoader:
-    """A DataLoader whose (x, y, idx) batches are moved to the device (non-blocking)."""
+    """A DataLoader whose (x, y, idx) batches are moved to the device (non-blocking).
+
+    Each batch is checked for NaN/inf inputs while still on the host (no device sync); a bad sample
+    is refused with its index before any model sees it."""
 
     def __init__(self, loader: DataLoader, device: torch.device, sampler: DistributedSampler | None):
         self.loader, self.device, self.sampler, self.epoch = loader, device, sampler, 0
@@ -79,6 +98,10 @@ class DeviceLoader:
                                 "dfkt.data.IndexedDataset(dataset) so that methods with memory banks "
                                 "know which sample each row is.")
             x, y, idx = batch
+            if torch.is_tensor(x) and x.is_floating_point() and x.device.type == "cpu" \
+                    and not bool(torch.isfinite(x).all()):
+                rows = non_finite_rows(x).tolist()
+                _refuse_non_finite([int(torch.as_tensor(idx)[r]) for r in rows])
             nb = self.device.type == "cuda"
             yield (x.to(self.device, non_blocking=nb), torch.as_tensor(y).to(self.device, non_blocking=nb),
                    torch.as_tensor(idx).to(self.device, non_blocking=nb))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from . import distributed as dist
 from .checkpoint import (FORMAT_VERSION, RESUME_FORMAT, RESUME_NAME, atomic_save, load_state_strict, model_spec,
                          read_checkpoint)
@@ -137,7 +138,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
         elif dist.is_main():
             log.info("no checkpoint at %s yet: starting from scratch", ckpt)
     epochs = tc.epochs if method.trains else 1
-    show = tc.progress and dist.is_main()
+    show = (tc.progress if tc.progress is not None else sys.stderr.isatty()) and dist.is_main()
     for epoch in range(start, epochs):
         ctx.epoch = epoch
         t0 = time.perf_counter()
@@ -161,6 +162,12 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
                 out_of_time = True
                 break
         bar.close()
+        if n == 0 and method.trains and epoch == start:
+            data = ctx.target if ctx.target is not None else getattr(method, "train_set", None)
+            size = f"{len(data)} sample(s)" if data is not None else "the data"
+            raise DataError(f"{method.name} made no training step in its first epoch: {size} with batch_size "
+                            f"{tc.batch_size} give no usable batch (batches of fewer than 2 samples are skipped: "
+                            f"BatchNorm needs 2 per batch); lower batch_size or give more data.")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         history.train_time_s += time.perf_counter() - t0

@@ -25,26 +25,71 @@ _MNIST10K_HINT = (
 )
 
 
+LAYOUTS = ("NCHW", "NHWC", "NHW")
+_CHANNELS = (1, 3, 4)
+
+
+def to_nchw(images: torch.Tensor, layout: str | None, name: str) -> torch.Tensor:
+    """``images`` in ``layout`` ('NCHW' | 'NHWC' | 'NHW'; ``None``: NHW for 3-D arrays, NCHW for 4-D
+    ones, refused when they look NHWC) as ``[N,C,H,W]``."""
+    if layout is not None and str(layout).upper() not in LAYOUTS:
+        raise DataError(f"data set {name!r}: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    layout = str(layout).upper() if layout is not None else None
+    shape = tuple(images.shape)
+    want = {"NHW": 3}.get(layout or "", 4 if layout else None)
+    if want is not None and images.dim() != want:
+        raise DataError(f"data set {name!r}: layout {layout} needs a {want}-D array, got shape {shape}")
+    if images.dim() == 3:
+        return images.unsqueeze(1)
+    if images.dim() != 4:
+        raise DataError(f"data set {name!r}: images must be [N,C,H,W] (or [N,H,W] / [N,H,W,C] with layout=), got "
+                        f"shape {shape}; reshape the array before building the data set")
+    if layout == "NHWC":
+        return images.permute(0, 3, 1, 2).contiguous()
+    if layout is None and shape[1] not in _CHANNELS and shape[3] in _CHANNELS:
+        raise DataError(f"data set {name!r}: images of shape {shape} look channels-last (NHWC); pass "
+                        f"layout='NHWC' (config: `layout: NHWC`) or permute them: images.permute(0, 3, 1, 2)")
+    return images
+
+
+def _check_finite(images: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(images.reshape(images.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise DataError(f"data set {name!r}: {len(idx)} of {images.shape[0]} images hold NaN/inf values (sample "
+                        f"indices {idx[:10]}{' ...' if len(idx) > 10 else ''}); remove or repair them (they would "
+                        f"turn BatchNorm statistics and the model into NaN)")
+
+
 class ArrayDataset(Dataset):
     """Images ``[N,C,H,W]`` (float, already normalised) and labels ``[N]`` held in memory.
 
-    ``dataset[i]`` is ``(x, y, i)``; ``y`` is ``-1`` when the set is unlabeled.
+    ``dataset[i]`` is ``(x, y, i)``; ``y`` is ``-1`` when the set is unlabeled (``labels=None``).
+    ``layout``: 'NCHW' (default for 4-D arrays), 'NHWC' or 'NHW'. uint8 images are divided by 255;
+    float images are used as given. Images with NaN/inf values and float labels are refused.
     """
 
     def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
-                 name: str = "arrays", num_classes: int | None = None) -> None:
-        images = torch.as_tensor(images)
-        if images.dim() == 3:
-            images = images.unsqueeze(1)
-        if images.dim() != 4:
-            raise DataError(f"data set {name!r}: images must be [N,C,H,W] (or [N,H,W]), got shape "
-                            f"{tuple(images.shape)}; reshape the array before building the data set")
+                 name: str = "arrays", num_classes: int | None = None, layout: str | None = None) -> None:
+        images = to_nchw(torch.as_tensor(images), layout, name)
         if images.shape[0] == 0:
             raise DataError(f"data set {name!r} is empty (0 images); check the split / file it was built from")
-        if not images.is_floating_point():
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        elif not images.is_floating_point():
             images = images.float()
+        _check_finite(images, name)
+        if images.numel() and float(images.max()) > 50:
+            log.warning("data set %r: image values reach %.0f: they look like 0-255 pixel values stored as floats; "
+                        "divide them by 255 (and normalise, e.g. dfkt.data.to_float) unless that is meant",
+                        name, float(images.max()))
         if labels is not None:
-            labels = torch.as_tensor(labels).long().reshape(-1)
+            labels = torch.as_tensor(labels)
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise DataError(f"data set {name!r}: labels are {str(labels.dtype).replace('torch.', '')}; class "
+                                f"labels must be integers 0..K-1 (convert whole-number floats with .long(), or "
+                                f"argmax one-hot / soft labels first)")
+            labels = labels.long().reshape(-1)
             if labels.shape[0] != images.shape[0]:
                 raise DataError(f"data set {name!r}: {images.shape[0]} images but {labels.shape[0]} labels; "
                                 f"give exactly one label per image")
@@ -53,8 +98,10 @@ class ArrayDataset(Dataset):
                 num_classes = hi + 1
             if lo < 0 or hi >= num_classes:
                 bad = lo if lo < 0 else hi
+                why = (" (the labels start at 1: dfkt counts classes from 0, subtract 1)"
+                       if lo == 1 and hi == num_classes else "")
                 raise DataError(f"data set {name!r}: label {bad} is outside [0, {num_classes}) "
-                                f"(num_classes={num_classes}); fix the labels or pass the right num_classes")
+                                f"(num_classes={num_classes}){why}; fix the labels or pass the right num_classes")
         self.images = images
         self.labels = labels
         self.name = name
@@ -93,7 +140,7 @@ class ArrayDataset(Dataset):
             idx = torch.as_tensor(np.asarray(indices) if not torch.is_tensor(indices) else indices)
             indices = (idx if idx.dtype == torch.bool else idx.long()).to(self.images.device)
         labels = self.labels[indices] if self.labels is not None else None
-        return ArrayDataset(self.images[indices], labels, name or self.name, self.num_classes)
+        return ArrayDataset(self.images[indices], labels, name or self.name, self.num_classes or None)
 
     def to(self, device: torch.device | str) -> "ArrayDataset":
         """A copy with images and labels on ``device`` (self when already there)."""
@@ -101,7 +148,7 @@ class ArrayDataset(Dataset):
         if self.images.device == device:
             return self
         labels = self.labels.to(device) if self.labels is not None else None
-        return ArrayDataset(self.images.to(device), labels, self.name, self.num_classes)
+        return ArrayDataset(self.images.to(device), labels, self.name, self.num_classes or None)
 
 
 def resolve_data_root(root: str | os.PathLike | None = None, needed: str | None = None) -> Path:
@@ -224,3 +271,65 @@ def to_float(images: torch.Tensor | np.ndarray, size: int | None = None,
     if size is not None:
         x = _resize(x, int(size))
     return normalize(x, mean, std)
+
+
+def load_npz(path: str | os.PathLike, images: str = "images", labels: str | None = "labels",
+             layout: str | None = None, size: int | None = None, channels: int | None = None,
+             mean: Stat = 0.5, std: Stat = 0.5, num_classes: int | None = None,
+             name: str | None = None) -> ArrayDataset:
+    """An ``.npz`` file as a normalised :class:`ArrayDataset`.
+
+    ``images``: the key of the image array (uint8 0..255, or float in [0, 1]), in ``layout`` 'NHW',
+    'NHWC' or 'NCHW' (``None``: inferred when unambiguous, else an error asking for it). ``labels``:
+    the key of the integer labels; a file without the default key ``'labels'`` (or ``labels=None``) is
+    an unlabeled set. ``size`` resizes (bilinear), ``channels`` converts grey <-> RGB, then
+    ``(x - mean) / std``.
+    """
+    p = Path(path).expanduser()
+    label = name or p.stem
+    if not p.is_file():
+        raise DataError(f"npz file {str(p)!r} not found; check the path (relative paths are resolved against "
+                        f"the data root: --data-root / DFKT_DATA)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.files)
+            if images not in keys:
+                raise DataError(f"{str(p)!r} has no array {images!r} (it has {keys}); name the image array with "
+                                f"`images: KEY`")
+            x = z[images]
+            y = None
+            if labels is not None:
+                if labels in keys:
+                    y = z[labels]
+                elif labels != "labels":
+                    raise DataError(f"{str(p)!r} has no array {labels!r} (it has {keys}); name the label array "
+                                    f"with `labels: KEY`, or leave it out for an unlabeled set")
+    except DataError:
+        raise
+    except Exception as e:  # corrupted / not an npz / pickled objects
+        raise DataError(f"cannot read {str(p)!r} as an npz of arrays ({type(e).__name__}: {e}); write it with "
+                        f"numpy.savez(path, images=..., labels=...)") from e
+    if x.dtype.kind not in "uif":
+        raise DataError(f"{str(p)!r}: images are {x.dtype}; store uint8 (0..255) or float (0..1) pixels")
+    t = to_nchw(torch.from_numpy(np.ascontiguousarray(x)), layout, label)
+    if t.shape[0] == 0:
+        raise DataError(f"{str(p)!r}: the image array {images!r} is empty")
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    _check_finite(t, label)
+    if float(t.max()) > 50:
+        log.warning("%s: float images reach %.0f: they look like 0-255 values; dfkt takes float pixels in [0, 1] "
+                    "(store uint8, or divide by 255)", p, float(t.max()))
+    if channels is not None:
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels!r}")
+        if t.shape[1] == 1 and channels == 3:
+            t = t.expand(-1, 3, -1, -1)
+        elif t.shape[1] == 3 and channels == 1:
+            t = (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif t.shape[1] != channels:
+            raise DataError(f"{str(p)!r}: images have {t.shape[1]} channels, cannot convert to {channels}")
+    if size is not None:
+        t = _resize(t, int(size))
+    ds = ArrayDataset(normalize(t, mean, std), y, label, num_classes)
+    log.debug("npz %s: %d images %s, %s", p, len(ds), ds.shape, "labelled" if y is not None else "unlabeled")
+    return ds

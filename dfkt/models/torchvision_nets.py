@@ -57,3 +57,60 @@ def object_net(arch: str = "resnet50", num_classes: int = 31, weights_path: str 
     backbone = resnet_backbone(arch, weights_path)
     return SplitNet(backbone, Bottleneck(backbone.out_features, bottleneck_dim, "bn"),
                     Head(bottleneck_dim, num_classes, "wn"))
+
+
+def _load_local_weights(model: nn.Module, path: str, what: str) -> None:
+    """Load a local state_dict into ``model``; the classifier's tensors are skipped when their shape
+    differs (another number of classes), everything else must fit."""
+    from dfkt.models.split import find_head
+
+    sd = _load_state_dict(os.fspath(path))
+    own = model.state_dict()
+    head = find_head(model)
+    skipped = [k for k, v in sd.items() if k.startswith(head + ".") and k in own and own[k].shape != v.shape]
+    for k in skipped:
+        sd.pop(k)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        raise ModelError(f"weights in {path!r} do not fit {what}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; pass the weights file of that architecture")
+
+
+def external_model(library: str, arch: str, num_classes: int = 10, weights_path: str | None = None,
+                   **kwargs: Any) -> nn.Module:
+    """A timm (``library='timm'``) or torchvision classifier with ``num_classes`` outputs and random
+    weights, or local weights from ``weights_path``; nothing is downloaded."""
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"model 'timm:{arch}' needs the optional package timm: pip install 'dfkt[timm]' "
+                             f"(or pip install timm)") from None
+        if not timm.is_model(arch):
+            from dfkt.errors import suggest
+
+            raise ModelError(f"timm has no model {arch!r}.{suggest(arch, timm.list_models())} "
+                             f"See timm.list_models().")
+        if kwargs.get("pretrained"):
+            raise ModelError("pretrained=True would download weights; pass weights_path=LOCAL_FILE instead")
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            raise ModelError(f"bad options for timm model {arch!r}: {e}") from e
+    else:
+        names = torchvision.models.list_models(module=torchvision.models)
+        if arch not in names:
+            from dfkt.errors import suggest
+
+            raise ModelError(f"torchvision has no classifier {arch!r}.{suggest(arch, names)} Classifiers: "
+                             f"{', '.join(names)}.")
+        if kwargs.get("weights") is not None:
+            raise ModelError("weights=... would download weights; pass weights_path=LOCAL_FILE instead")
+        try:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"bad options for torchvision model {arch!r}: {e}") from e
+    if weights_path is not None:
+        _load_local_weights(model, weights_path, f"{library} {arch}")
+    return model

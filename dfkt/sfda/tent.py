@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from ..core.hooks import BN_TYPES
 from ..core.losses import entropy
@@ -26,11 +27,12 @@ class Tent(Method):
 
     BatchNorm layers normalise with the batch statistics (train mode) and update their running
     statistics, which evaluation then uses; every other module stays in eval mode (no dropout).
+    A model without BatchNorm (ViTs, ConvNeXt, GroupNorm nets) adapts the scale/shift of its
+    LayerNorm / GroupNorm layers instead.
     """
 
     Options = TentOptions
     defaults = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0}
-    needs_learner_bn = True
 
     def setup(self) -> None:
         ctx = self.ctx
@@ -39,19 +41,21 @@ class Tent(Method):
         learner = ctx.learner
         for p in learner.parameters():
             p.requires_grad_(False)
+        norms = [m for m in learner.modules() if isinstance(m, BN_TYPES)]
+        if not norms:   # BN-free models: LayerNorm / GroupNorm scale and shift
+            norms = [m for m in learner.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
         params = []
-        for m in learner.modules():
-            if isinstance(m, BN_TYPES):
-                if self.opts.reset_stats:
-                    m.reset_running_stats()
-                if m.affine:
-                    m.weight.requires_grad_(True)
-                    m.bias.requires_grad_(True)
-                    params += [m.weight, m.bias]
+        for m in norms:
+            if self.opts.reset_stats and isinstance(m, BN_TYPES):
+                m.reset_running_stats()
+            params += [p for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)]
+        for p in params:
+            p.requires_grad_(True)
         if not params:
             from ..errors import ModelError
-            raise ModelError("tent updates BatchNorm affine parameters, but the model's BatchNorm layers "
-                             "have affine=False; use a model with affine BatchNorm or method 'shot'.")
+            raise ModelError("tent updates the scale/shift of normalisation layers (BatchNorm, else LayerNorm/"
+                             "GroupNorm), but the model has none with affine parameters; use a method that needs "
+                             "none, e.g. 'shot' or 'shot-im'.")
         self.net = ctx.ddp(learner)
         tc = ctx.train
         if self.opts.optimizer == "adam":
