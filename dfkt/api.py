@@ -183,11 +183,12 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
     t0 = time.perf_counter()
     history = fit(method, eval_fn=eval_fn, resume=resume, meta={"fingerprint": fp, "config": json.dumps(cfg, default=str)})
     wall = time.perf_counter() - t0
-    model = restore_outputs(dist.unwrap(method.model()))
+    model = dist.unwrap(method.model())
     metrics = {k: v for k, v in history.last.items() if k not in ("epoch", "step")}
     info = None
     if finish is not None:
         model, metrics, info = finish(model, history, metrics)
+    model = restore_outputs(model)     # the model returns what the caller's did (tuple/dict outputs)
     path = None
     if out is not None and dist.is_main():
         out = Path(out)
@@ -312,8 +313,10 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
 
 
 def _scores(out: dict) -> dict:
-    """Accuracy (where labels exist; only reported) and the label-free scores of one prediction pass."""
-    return {"acc": accuracy(out["logits"], out["labels"]), **label_free_scores(out["logits"])}
+    """Accuracy (where labels exist; only reported) and the label-free scores of one prediction pass; an
+    unlabeled target has no 'acc'."""
+    acc = {"acc": accuracy(out["logits"], out["labels"])} if bool((out["labels"] >= 0).any()) else {}
+    return {**acc, **label_free_scores(out["logits"])}
 
 
 def distill(teacher: nn.Module, student: nn.Module, method: str = "dafl", *, input_shape: tuple,
