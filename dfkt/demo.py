@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .bench.report import markdown, write_report
 from .bench.runner import _domain, cached_supervised, env_info, run_suite
-from .bench.suite import DomainSpec, MethodRun, ModelRecipe, QuickSpec, Suite, TaskSpec
+from .bench.suite import MethodRun, ModelRecipe, QuickSpec, Suite, TaskSpec
+from .runconfig import DataRef
 from .core.device import resolve_device
 from .core.evaluate import evaluate
 
@@ -24,13 +25,13 @@ log = logging.getLogger("dfkt.demo")
 
 SFDA_METHOD = "shot"
 DFKD_METHOD = "dafl"
-SHIFT = DomainSpec("digits", corruption="brightness", severity=5, corruption_seed=0)
+SHIFT = DataRef(domain="digits", corruption="brightness", severity=5, corruption_seed=0)
 
 SFDA_SUITE = Suite(
     suite="demo-sfda", task="sfda", seeds=1,
     source=ModelRecipe(model="shot-lenet", options={"smoothing": 0.1, "epochs": 20, "lr": 0.01, "batch_size": 64}),
     methods={"source-only": MethodRun(), SFDA_METHOD: MethodRun(train={"epochs": 10})},
-    tasks=[TaskSpec(name="uci → uci-c", source=DomainSpec("digits"), target=SHIFT)],
+    tasks=[TaskSpec(name="uci → uci-c", source=DataRef(domain="digits"), target=SHIFT)],
     quick=QuickSpec())
 
 DFKD_SUITE = Suite(
@@ -40,8 +41,8 @@ DFKD_SUITE = Suite(
                                     train_split="train", val_split=None)},
     methods={DFKD_METHOD: MethodRun(teacher="lenet5", options={"pool_batches": 100, "kd_steps": 4},
                                     train={"epochs": 10, "iters_per_epoch": 25, "batch_size": 128})},
-    tasks=[TaskSpec(name="uci (32x32)", source=DomainSpec("digits", size=32, split="train"),
-                    target=DomainSpec("digits", size=32, split="test"))],
+    tasks=[TaskSpec(name="uci (32x32)", source=DataRef(domain="digits", size=32, split="train"),
+                    target=DataRef(domain="digits", size=32, split="test"))],
     quick=QuickSpec())
 
 
@@ -55,8 +56,8 @@ def run_demo(out: str | None = None, device: str = "auto", progress: bool = True
     sfda = run_suite(SFDA_SUITE, outdir / "sfda", cache_dir=str(cache), device=device, progress=progress)
     dfkd = run_suite(DFKD_SUITE, outdir / "dfkd", cache_dir=str(cache), device=device, progress=progress)
     # in-domain accuracy of the (cached) source model, to show the size of the shift
-    src = cached_supervised(SFDA_SUITE.source, DomainSpec("digits"), 0, None, cache, device, 10)
-    in_domain = evaluate(src.to(dev), _domain(DomainSpec("digits"), None, "source_val"), dev)["acc"]
+    src = cached_supervised(SFDA_SUITE.source, DataRef(domain="digits"), 0, None, cache, device, 10)
+    in_domain = evaluate(src.to(dev), _domain(DataRef(domain="digits"), None, "source_val"), dev)["acc"]
     for r in dfkd["records"]:
         if r.get("grid"):
             r["grid"] = f"dfkd/{r['grid']}"

@@ -163,14 +163,27 @@ class DataRef:
         base = data_root or os.environ.get("DFKT_DATA")
         return str(Path(base).expanduser() / p) if base else str(p)
 
-    def build(self, data_root: str | None = None):
+    def build(self, data_root: str | None = None, split: str | None = None):
+        """The data set; ``split`` (default: the reference's own) selects rows: named domains split
+        themselves, other kinds take the same fixed shuffled split of their rows (``dfkt.data.split_indices``)."""
+        from . import data as D
+
+        split = split or self.split
+        if self.domain:
+            root = self.root or data_root or os.environ.get("DFKT_DATA")
+            return D.get_domain(self.domain, root=root, split=split, size=self.size or 28,
+                                channels=self.channels or 1, corruption=self.corruption, severity=self.severity,
+                                seed=self.corruption_seed)
+        ds = self._build_whole(data_root)
+        if split == "all":
+            return ds
+        idx = D.split_indices(len(ds), split, shuffle=True)
+        return ds.subset(idx) if isinstance(ds, D.ArrayDataset) else D.Subset(ds, idx)
+
+    def _build_whole(self, data_root: str | None):
         from . import data as D
 
         root = self.root or data_root or os.environ.get("DFKT_DATA")
-        if self.domain:
-            return D.get_domain(self.domain, root=root, split=self.split, size=self.size or 28,
-                                channels=self.channels or 1, corruption=self.corruption, severity=self.severity,
-                                seed=self.corruption_seed)
         if self.torchvision:
             if root is None:
                 raise ConfigError("data.torchvision needs `root` (or --data-root / DFKT_DATA).")

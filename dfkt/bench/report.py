@@ -28,9 +28,14 @@ def summarize(records: list[dict]) -> list[dict]:
         acc, acc_sd = _mean_std([r["acc"] for r in rs])
         wall, wall_sd = _mean_std([r["wall_s"] for r in rs])
         ref, _ = _mean_std([r["ref_acc"] for r in rs])
+        if all(r.get("labelled_target") is False for r in rs):     # unlabeled target: label-free scores
+            snd, _ = _mean_std([r.get("snd") for r in rs])
+            ref_snd, _ = _mean_std([r.get("ref_snd") for r in rs])
+        else:
+            snd = ref_snd = None
         row = {"task_name": task, "method": method, "seeds": len(rs), "acc": acc, "acc_std": acc_sd,
                "wall_s": wall, "wall_std": wall_sd, "ref_acc": ref,
-               "per_seed": [r["acc"] for r in sorted(rs, key=lambda r: r["seed"])]}
+               "per_seed": [r["acc"] for r in sorted(rs, key=lambda r: r["seed"])], "snd": snd, "ref_snd": ref_snd}
         if rs[0]["task"] == "dfkd":
             row["teacher"], row["student"] = rs[0].get("teacher"), rs[0].get("student")
             row["of_teacher"] = 100 * acc / ref if ref else float("nan")
@@ -145,16 +150,21 @@ def markdown(doc: dict) -> str:
             for r in sorted(rs, key=lambda r: -r["acc"]):
                 out.append(f"| {r['method']} | {r['teacher']} | {r['student']} | {r['acc']:.2f} ± {r['acc_std']:.2f} "
                            f"| {r['of_teacher']:.1f} | {r['ref_acc']:.2f} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
-                           f"| {r['seeds']} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
+                           f"| {r['seeds']} | {', '.join(_f(a) for a in r['per_seed'])} |")
         else:
             out.append("| method | returned acc % (mean ± std) | last epoch % | source-only % | gain | guard fired "
                        "| time s | seeds | per seed |")
             out.append("|---|---|---|---|---|---|---|---|---|")
             for r in sorted(rs, key=lambda r: -r["acc"]):
+                if r.get("snd") is not None:     # an unlabeled target: no accuracy exists
+                    out.append(f"| {r['method']} | unlabeled target: SND {r['snd']:.4f} (source {r['ref_snd']:.4f}, "
+                               f"higher = better clustered) | | | | {r['guard_fired']} | {r['wall_s']:.1f} ± "
+                               f"{r['wall_std']:.1f} | {r['seeds']} | |")
+                    continue
                 out.append(f"| {r['method']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | {_f(r['acc_unguarded'])} | "
                            f"{r['ref_acc']:.2f} | {r['acc'] - r['ref_acc']:+.2f} | {r['guard_fired']} "
                            f"| {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
-                           f"| {r['seeds']} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
+                           f"| {r['seeds']} | {', '.join(_f(a) for a in r['per_seed'])} |")
         out.append("")
     out.append("SFDA accuracy is that of the returned model (the last epoch, or the epoch the label-free guard "
                "rolled back to; never selected with target labels); time is the method's own training time, "
@@ -187,8 +197,10 @@ def plots(doc: dict, out: Path) -> list[Path]:
     if is_tta(doc):
         return tta_plots(doc, out)
     made = []
-    rows = summarize(doc["records"])
+    rows = [r for r in summarize(doc["records"]) if not math.isnan(r["acc"])]   # unlabeled targets: no accuracy
     tasks = sorted({r["task_name"] for r in rows})
+    if not tasks:
+        return made
     # accuracy per method, one panel per task
     fig, axes = _grid(plt, len(tasks))
     for ax, task in zip(axes, tasks):

@@ -24,10 +24,10 @@ from ..core import distributed as dist
 from ..core.checkpoint import load_model, save_model
 from ..core.device import resolve_device
 from ..core.evaluate import evaluate
-from ..data import get_domain
 from ..errors import ConfigError, suggest
 from ..models import build_model
-from .suite import DomainSpec, MethodRun, ModelRecipe, Suite, TaskSpec
+from ..runconfig import DataRef
+from .suite import MethodRun, ModelRecipe, Suite, TaskSpec
 
 log = logging.getLogger("dfkt.bench")
 
@@ -54,17 +54,21 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _domain(spec: DomainSpec, root: Optional[str], split: Optional[str] = None):
-    return get_domain(spec.domain, root=root, split=split or spec.split, size=spec.size,
-                      corruption=spec.corruption, severity=spec.severity, seed=spec.corruption_seed)
+def _domain(spec: DataRef, root: Optional[str], split: Optional[str] = None):
+    """The data set of a suite's data reference (any kind; relative paths under ``root``)."""
+    return spec.build(root, split)
 
 
-def _domain_label(spec: DomainSpec) -> str:
-    name = "uci" if spec.domain in ("digits", "uci") else spec.domain
-    return f"{name}-c:{spec.corruption}@{spec.severity}" if spec.corruption else name
+def _domain_label(spec: DataRef) -> str:
+    return spec.label()
 
 
-def cached_supervised(recipe: ModelRecipe, domain: DomainSpec, seed: int, root: Optional[str], cache: Path,
+def _acc(x: Optional[float]) -> Optional[float]:
+    """Accuracy for a record: rounded, or None where the data have no labels."""
+    return None if x is None or x != x else round(float(x), 3)
+
+
+def cached_supervised(recipe: ModelRecipe, domain: DataRef, seed: int, root: Optional[str], cache: Path,
                       device: str, num_classes: int) -> torch.nn.Module:
     """Train (once) and cache a model by the hash of its recipe, data and seed."""
     key = _hash({"recipe": to_dict(recipe), "domain": to_dict(domain), "seed": seed, "v": 1})
@@ -179,7 +183,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
             r.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev),
                       "torch_threads": threads})   # timings depend on it
         records.extend(recs)
-        score = (f"acc {recs[0]['acc']:.2f} (ref {recs[0]['ref_acc']:.2f})" if "acc" in recs[0] else
+        score = (f"acc {recs[0]['acc']} (ref {recs[0]['ref_acc']})" if "acc" in recs[0] else
                  f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
         if dist.is_main():
@@ -275,7 +279,7 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     model = cached_supervised(recipe, task.source, source_seed, root, cache, device, suite.num_classes)
     target = _domain(task.target, root)
     dev = resolve_device(device)
-    ref = evaluate(model.to(dev), target, dev)["acc"]
+    ref = evaluate(model.to(dev), target, dev, label_free=True)
     opts, train = _merge(suite.methods[name], override)
     train.setdefault("progress", progress)
     res = api.adapt(model, target, method=suite.methods[name].method or name, seed=seed, device=device, train=train, **opts)
@@ -285,8 +289,11 @@ def _run_sfda(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     guard = res.guard or {}
     return {"task": "sfda", "method": name, "source": _domain_label(task.source),
             "target": _domain_label(task.target), "heldout": task.heldout,
-            "acc": round(res.acc, 3), "ref_acc": round(ref, 3),
-            "acc_unguarded": round(float(res.history.last.get("acc", res.acc)), 3),
+            "acc": _acc(res.acc), "ref_acc": _acc(ref.get("acc")),
+            "acc_unguarded": _acc(res.history.last.get("acc", res.acc)),
+            "labelled_target": "acc" in ref,          # unlabeled targets: label-free scores only
+            "snd": round(float(res.metrics.get("snd", float("nan"))), 4), "ref_snd": round(float(ref["snd"]), 4),
+            "im": round(float(res.metrics.get("im", float("nan"))), 4), "ref_im": round(float(ref["im"]), 4),
             "guard_fired": bool(guard.get("fired", False)), "returned_epoch": guard.get("returned_epoch"),
             "guard_reason": guard.get("reason"),
             "wall_s": round(res.wall_s, 3), "epochs": len(res.history.records),
@@ -301,10 +308,13 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     if task.source is None:
         raise ConfigError(f"dfkd task {task.name!r} needs `source` (the teacher's training domain).")
     teacher = cached_supervised(recipe, task.source, teacher_seed, root, cache, device, suite.num_classes)
-    test_spec = task.target or DomainSpec(task.source.domain, split="test", size=task.source.size)
+    test_spec = task.target or dataclasses.replace(task.source, split="test")
     test = _domain(test_spec, root)
     dev = resolve_device(device)
-    ref = evaluate(teacher.to(dev), test, dev)["acc"]
+    ref = evaluate(teacher.to(dev), test, dev).get("acc")
+    if ref is None:
+        raise ConfigError(f"dfkd task {task.name!r}: the evaluation data {test_spec.label()!r} have no labels; a "
+                          f"DFKD suite scores students by accuracy: give labelled evaluation data as `target`.")
     student_name = run.student or suite.student
     if not student_name:
         raise ConfigError(f"suite {suite.suite!r}: method {name!r} has no student model.")

@@ -13,18 +13,7 @@ from typing import Literal, Optional
 from ..config import from_dict, load_yaml
 from ..errors import ConfigError, suggest
 from ..online.config import StreamSpec
-
-
-@dataclass
-class DomainSpec:
-    """A named domain from dfkt.data.get_domain (with an optional corruption)."""
-
-    domain: str
-    split: str = "all"
-    size: int = 28
-    corruption: Optional[str] = None
-    severity: int = 3
-    corruption_seed: int = 0
+from ..runconfig import DataRef
 
 
 @dataclass
@@ -53,15 +42,18 @@ class MethodRun:
 
 @dataclass
 class TaskSpec:
-    """SFDA: source -> target. DFKD: the name of a dataset entry (the evaluation data).
+    """SFDA: source -> target. DFKD: ``source`` the teacher's training data, ``target`` the evaluation
+    data (default: the source's ``test`` split). Both are data references of any kind (``DataRef``:
+    named domain, image_folder, image_list, npz, torchvision), relative paths resolved by ``--data-root``;
+    an SFDA target may be unlabeled (its records then carry label-free scores instead of accuracy).
 
     ``heldout: true`` marks a task of the held-out half: fixed before any tuning, never used to choose
     a setting, reported apart (the headline of a shift suite is the held-out mean).
     """
 
     name: str
-    source: Optional[DomainSpec] = None
-    target: Optional[DomainSpec] = None
+    source: Optional[DataRef] = None
+    target: Optional[DataRef] = None
     heldout: bool = False
     methods: Optional[list[str]] = None                # restrict to these methods
     source_options: dict = field(default_factory=dict)  # merged into the source recipe's options (SFDA)
