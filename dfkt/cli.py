@@ -215,7 +215,7 @@ def cmd_list(args) -> int:
     for r in method_table():
         if args.task in (None, r["task"]):
             print(f"  {r['method']:<16} {r['task']:<5} {r['summary']}")
-    print("models: " + ", ".join(list_models()))
+    print("models: " + ", ".join(list_models()) + " (and any timm:NAME / torchvision:NAME classifier)")
     print("domains: " + ", ".join(list_domains()))
     if SUITE_DIR.is_dir():
         print("suites: " + ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))))

@@ -63,6 +63,19 @@ def _domain_label(spec: DataRef) -> str:
     return spec.label()
 
 
+def _data_key(spec: DataRef) -> dict:
+    """What identifies a suite's data in cache keys; a named domain keeps the key it had before suites
+    took any data kind (so cached source models / teachers stay valid)."""
+    d = to_dict(spec)
+    if spec.domain:
+        key = {k: d[k] for k in ("domain", "split", "corruption", "severity", "corruption_seed")}
+        key["size"] = spec.size or 28
+        if spec.channels not in (None, 1):
+            key["channels"] = spec.channels
+        return key
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def _acc(x: Optional[float]) -> Optional[float]:
     """Accuracy for a record: rounded, or None where the data have no labels."""
     return None if x is None or x != x else round(float(x), 3)
@@ -71,7 +84,7 @@ def _acc(x: Optional[float]) -> Optional[float]:
 def cached_supervised(recipe: ModelRecipe, domain: DataRef, seed: int, root: Optional[str], cache: Path,
                       device: str, num_classes: int) -> torch.nn.Module:
     """Train (once) and cache a model by the hash of its recipe, data and seed."""
-    key = _hash({"recipe": to_dict(recipe), "domain": to_dict(domain), "seed": seed, "v": 1})
+    key = _hash({"recipe": to_dict(recipe), "domain": _data_key(domain), "seed": seed, "v": 1})
     path = cache / f"{recipe.model}-{_domain_label(domain)}-s{seed}-{key}.pt".replace(":", "_").replace("@", "_")
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(recipe.model, num_classes=num_classes, **recipe.kwargs)
