@@ -104,9 +104,10 @@ def test_best_method_reaches_floor(teachers, digits):
 
 
 def test_ema_student_tracks_training_without_changing_it(teachers, digits):
-    """ema > 0: training is unchanged (same losses), the deployed model is the weight average."""
-    kw = dict(method="dafl", input_shape=(1, 32, 32), eval_data=digits[1], epochs=2, iters_per_epoch=10,
-              batch_size=32, pool_batches=10, kd_steps=2, progress=False, seed=3)
+    """ema > 0: training is unchanged (same losses), the deployed model is the weight average and
+    as good as the trained student (the run is long enough to learn: ~70-85 % on the digits)."""
+    kw = dict(method="dafl", input_shape=(1, 32, 32), eval_data=digits[1], epochs=3, iters_per_epoch=15,
+              batch_size=64, pool_batches=10, kd_steps=2, progress=False, seed=3)
     torch.manual_seed(0)
     plain = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
     torch.manual_seed(0)
@@ -114,7 +115,8 @@ def test_ema_student_tracks_training_without_changing_it(teachers, digits):
     assert [r["kd"] for r in ema.history.records] == [r["kd"] for r in plain.history.records]
     pw, ew = plain.model.state_dict(), ema.model.state_dict()
     assert pw.keys() == ew.keys() and any(not torch.allclose(pw[k], ew[k]) for k in pw)
-    assert ema.acc > 30.0 and all(p.requires_grad for p in ema.model.parameters())
+    assert ema.acc > 50.0 and abs(ema.acc - plain.acc) < 10.0, (ema.acc, plain.acc)
+    assert all(p.requires_grad for p in ema.model.parameters())
     with pytest.raises(ConfigError, match="ema must be in"):
         dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **{**kw, "ema": 1.0})
 

@@ -241,12 +241,12 @@ def _worker_run(args: tuple) -> tuple[dict, int]:
 
 
 def _base_model(suite: Suite, task: TaskSpec, name: str, seed: int) -> tuple[ModelRecipe, int]:
-    """The cached model a run starts from: (recipe, seed) of the SFDA/TTA source model (one per seed) or
-    of the DFKD teacher (one, trained with seed 0)."""
+    """The cached model a run starts from: (recipe, seed) of the SFDA/TTA source model or of the DFKD
+    teacher; one per seed, trained with that seed (a DFKD result must hold for any teacher)."""
     if suite.task in ("sfda", "tta"):
         return _source_recipe(suite, task), seed
     run = suite.methods[name]
-    return suite.teachers[run.teacher or next(iter(suite.teachers))], 0
+    return suite.teachers[run.teacher or next(iter(suite.teachers))], seed
 
 
 def _source_recipe(suite: Suite, task: TaskSpec) -> ModelRecipe:

@@ -102,7 +102,8 @@ class StepGuard:
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int,
                  terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False,
-                 stream: str = "main") -> bool:
+                 stream: str = "main", max_norm: float | None = None) -> bool:
+        """``max_norm``: clip the global gradient norm to it before the step (no host sync)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
             self.scaler.scale(loss).backward(retain_graph=retain_graph)
@@ -112,7 +113,10 @@ class StepGuard:
         grads = [p.grad for p in params if p.grad is not None]
         finite = torch.isfinite(loss.detach())
         if grads:
-            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+            norm = torch.stack(torch._foreach_norm(grads)).norm()
+            finite = finite & torch.isfinite(norm)
+            if max_norm:
+                torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         ok = bool(finite)  # one sync per optimiser step (as GradScaler does)
         if ok:
             if self.scaler is not None:
@@ -193,10 +197,11 @@ class Context:
 
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                  terms: dict[str, torch.Tensor] | None = None, retain_graph: bool = False,
-                 stream: str = "main") -> bool:
-        """Backward, guard against NaN/inf, step and zero the gradients (``stream``: see StepGuard).
-        A skipped step also restores the learner's BatchNorm running statistics to the last good step's."""
-        ok = self.guard(loss, optimizer, self.step, terms, retain_graph, stream)
+                 stream: str = "main", max_norm: float | None = None) -> bool:
+        """Backward, guard against NaN/inf, (clip the gradient norm to ``max_norm``,) step and zero the
+        gradients (``stream``: see StepGuard). A skipped step also restores the learner's BatchNorm
+        running statistics to the last good step's."""
+        ok = self.guard(loss, optimizer, self.step, terms, retain_graph, stream, max_norm)
         if self._bn_live:
             with torch.no_grad():
                 if ok:
