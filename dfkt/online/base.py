@@ -69,7 +69,8 @@ class TTAMethod(Method):
         if self.batch_stats and has_batchnorm(self.ctx.learner) and self.plan.min_batch < 2:
             raise ConfigError(
                 f"method {self.name!r} normalises the model's BatchNorm layers with test-batch statistics, which "
-                f"needs at least 2 samples per batch; got batch_size={self.plan.batch_size}. Use batch_size >= 2 "
+                f"needs at least 2 samples per batch; got a batch of {self.plan.min_batch} (batch_size="
+                f"{self.plan.batch_size}; a segment of one sample also makes one). Use batch_size >= 2 "
                 f"(published settings: 64-200), a model without BatchNorm (GroupNorm/LayerNorm), or a method that "
                 f"works one sample at a time: source, rotta.")
 

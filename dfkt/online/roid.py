@@ -49,7 +49,7 @@ class ROID(TTAMethod):
     an augmented view and on the original, same weights; both summed and divided by the batch size;
     after each step the trained weights are ensembled with the source (0.99 / 0.01); the scored
     logits are multiplied by the smoothed batch prior (prior + s) / (1 + s C) with
-    s = max(1/B, 1/C) / max(prior) (prior correction).
+    s = max(1/B, 1/C) / max(prior) (prior correction; the logits, as the reference code does).
     """
 
     Options = ROIDOptions
