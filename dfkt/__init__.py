@@ -20,10 +20,10 @@ from .deploy import export
 from .errors import CheckpointError, ConfigError, DataError, DfktError, ModelError, NonFiniteError
 from .online.api import TTAResult, tta
 from .online.stream import Stream
-from .registry import list_methods, register
+from .registry import list_methods, method_table, register
 
 __version__ = "0.1.0"
-__all__ = ["adapt", "distill", "tta", "load", "export", "list_methods", "register", "train_supervised", "Result", "TrainConfig",
+__all__ = ["adapt", "distill", "tta", "load", "export", "list_methods", "method_table", "register", "train_supervised", "Result", "TrainConfig",
            "Stream", "TTAResult",
            "DfktError", "ConfigError", "DataError", "ModelError", "CheckpointError", "NonFiniteError"]
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, DfktError
-from .registry import get_method
+from .registry import TASKS, get_method
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -205,16 +205,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+TASK_TITLES = {"sfda": "SFDA (`dfkt.adapt`)", "dfkd": "DFKD (`dfkt.distill`)",
+               "tta": "Online test-time adaptation (`dfkt.tta`)", "compress": "Source-free compression (`dfkt.compress`)"}
+
+
+def methods_markdown() -> str:
+    """The README's methods tables: one per (task, family), in the registry's order; a family of a task
+    that has methods but none of its own says "none yet"."""
+    from .registry import FAMILY_DESCRIPTIONS, TASKS, families, method_table
+
+    rows = method_table()
+    out = []
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
+        out.append(f"**{TASK_TITLES[task]}**\n")
+        for fam in families(task):
+            group = [r for r in mine if r["family"] == fam]
+            if not group and fam == "baseline":
+                continue
+            out.append(f"*{fam}*: {FAMILY_DESCRIPTIONS[fam]}." + ("" if group else " None yet.") + "\n")
+            if group:
+                out.append("| method | what it does | paper | file |\n|---|---|---|---|")
+                for r in group:
+                    paper = {"": "-", "dfkt": "dfkt's own"}.get(r["paper"], r["paper"])
+                    what = r["description"][:1].upper() + r["description"][1:]
+                    out.append(f"| `{r['name']}` | {what} | {paper} | `{r['file']}` |")
+                out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def cmd_list(args) -> int:
     from .bench.suite import SUITE_DIR
     from .data import list_domains
     from .models import list_models
-    from .registry import method_table
+    from .registry import FAMILY_DESCRIPTIONS, method_table
 
-    print("methods:")
-    for r in method_table():
-        if args.task in (None, r["task"]):
-            print(f"  {r['method']:<16} {r['task']:<5} {r['summary']}")
+    if args.markdown:
+        print(methods_markdown(), end="")
+        return 0
+    print("methods: (by task / family)")
+    group = None
+    for r in method_table(args.task):
+        if (r["task"], r["family"]) != group:
+            group = (r["task"], r["family"])
+            print(f"  {r['task']} / {r['family']}: {FAMILY_DESCRIPTIONS[r['family']]}")
+        print(f"    {r['name']:<16} {r['summary']}")
     print("models: " + ", ".join(list_models()) + " (and any timm:NAME / torchvision:NAME classifier)")
     print("domains: " + ", ".join(list_domains()))
     if SUITE_DIR.is_dir():
@@ -274,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="file to write (default: model.onnx / model.ts next to model.pt)")
     e.add_argument("--input-shape", help="C,H,W (default: the shape the model was trained on)")
     common(e, config=False)
-    ls = sub.add_parser("list", help="methods, models, domains and suites")
-    ls.add_argument("--task", choices=["sfda", "dfkd", "tta"])
+    ls = sub.add_parser("list", help="methods (grouped by task and family), models, domains and suites")
+    ls.add_argument("--task", choices=list(TASKS))
+    ls.add_argument("--markdown", action="store_true", help="print the README's methods tables (grouped by family)")
     common(ls, config=False)
     return p
 

@@ -47,7 +47,7 @@ def random_crop_resize(x: torch.Tensor, scale: float, g: torch.Generator | None)
     return F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False)
 
 
-@register("cmi", task="dfkd")
+@register("cmi", task="dfkd", family="inversion")
 class CMI(GeneratorMethod):
     """CMI (Fang et al., IJCAI 2021): contrastive model inversion (BN statistics + instance discrimination)."""
 

@@ -41,7 +41,7 @@ def dafl_terms(teacher, x: torch.Tensor, opts) -> tuple[torch.Tensor, dict[str, 
     return t_logits, {"oh": one_hot_ce(t_logits), "act": activation_loss(feats), "ie": class_balance(t_logits)}
 
 
-@register("dafl", task="dfkd")
+@register("dafl", task="dfkd", family="generator")
 class DAFL(GeneratorMethod):
     """DAFL (Chen et al., ICCV 2019): generator trained with one-hot, activation and information-entropy losses; `adv > 0` adds dfkt's adversarial term (the best DFKD recipe here)."""
 

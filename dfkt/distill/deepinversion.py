@@ -84,7 +84,7 @@ class PixelAdam:
         self.m.copy_(st["m"]), self.v.copy_(st["v"]), self.t.copy_(st["t"])
 
 
-@register("deepinversion", task="dfkd")
+@register("deepinversion", task="dfkd", family="inversion")
 class DeepInversion(DistillMethod):
     """DeepInversion (Yin et al., CVPR 2020): optimise inputs to match the teacher's BN statistics (+ ADI)."""
 

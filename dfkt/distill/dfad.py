@@ -28,7 +28,7 @@ class DFADOptions(GeneratorOptions):
     g_schedule: bool = True      # the official code decays the generator's lr with the student's
 
 
-@register("dfad", task="dfkd")
+@register("dfad", task="dfkd", family="generator")
 class DFAD(GeneratorMethod):
     """DFAD (Fang et al., 2019): a generator maximises the teacher/student L1 discrepancy, the student minimises it."""
 

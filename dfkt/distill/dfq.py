@@ -22,7 +22,7 @@ class DFQOptions(BNSynthOptions):
     conditional: bool = False   # DFQ's one-hot term is against the teacher's own argmax
 
 
-@register("dfq", task="dfkd")
+@register("dfq", task="dfkd", family="generator")
 class DFQ(BNGeneratorMethod):
     """DFQ (Choi et al., 2020): generator with BN-statistics, one-hot and adversarial losses; KD on its samples."""
 

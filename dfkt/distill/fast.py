@@ -57,7 +57,7 @@ class _MetaAccumulating:
         self.inner.zero_grad(set_to_none=set_to_none)
 
 
-@register("fast", task="dfkd")
+@register("fast", task="dfkd", family="generator")
 class Fast(BNGeneratorMethod):
     """Fast (Fang et al., AAAI 2022): meta-learned generator initialisation, few synthesis steps, data pool."""
 

@@ -134,9 +134,9 @@ class LopesOptions(DistillOptions):
     kd_steps: int = 5
 
 
-@register("lopes", task="dfkd")
+@register("lopes", task="dfkd", family="metadata")
 class Lopes(DistillMethod):
-    """Lopes et al. (2017): reconstruct inputs from recorded per-class activation statistics of the teacher."""
+    """Lopes (Lopes et al., NIPS-W 2017): reconstruct inputs from recorded per-class activation statistics of the teacher."""
 
     Options = LopesOptions
     defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}

@@ -25,7 +25,7 @@ class RDSKDOptions(GeneratorOptions):
     div: float = 1.0      # mode-seeking diversity weight
 
 
-@register("rdskd", task="dfkd")
+@register("rdskd", task="dfkd", family="generator")
 class RDSKD(GeneratorMethod):
     """RDSKD (Han et al., ICASSP 2021): DAFL's losses in exponential relative form + mode-seeking diversity."""
 

@@ -25,7 +25,7 @@ class ZSKTOptions(GeneratorOptions):
     feature_weight: float = 250.0       # ZSKT's beta
 
 
-@register("zskt", task="dfkd")
+@register("zskt", task="dfkd", family="generator")
 class ZSKT(GeneratorMethod):
     """ZSKT (Micaelli & Storkey, NeurIPS 2019): adversarial generator (max KL) + KL and attention transfer."""
 

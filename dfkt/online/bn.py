@@ -6,7 +6,7 @@ from ..registry import register
 from .base import TTAMethod
 
 
-@register("bn", task="tta")
+@register("bn", task="tta", family="online")
 class BN(TTAMethod):
     """BN (Schneider et al., NeurIPS 2020): BatchNorm normalises with each test batch's statistics; no update.
 

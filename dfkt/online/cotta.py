@@ -26,7 +26,7 @@ class CoTTAOptions:
         check_positive("cotta options", augmentations=self.augmentations)
 
 
-@register("cotta", task="tta")
+@register("cotta", task="tta", family="online")
 class CoTTA(TTAMethod):
     """CoTTA (Wang et al., CVPR 2022): mean teacher with augmentation-averaged pseudo-labels and stochastic restore.
 

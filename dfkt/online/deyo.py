@@ -26,7 +26,7 @@ class DeYOOptions:
         check_positive("deyo options", margin=self.margin, e_margin=self.e_margin, patches=self.patches)
 
 
-@register("deyo", task="tta")
+@register("deyo", task="tta", family="online")
 class DeYO(TTAMethod):
     """DeYO (Lee et al., ICLR 2024): entropy minimisation on samples whose prediction a patch shuffle destroys (PLPD).
 

@@ -32,7 +32,7 @@ class EATAOptions:
                               f"{self.fisher_alpha} and {self.fisher_samples}.")
 
 
-@register("eata", task="tta")
+@register("eata", task="tta", family="online")
 class EATA(TTAMethod):
     """EATA (Niu et al., ICML 2022): entropy minimisation on reliable, non-redundant samples + Fisher anti-forgetting.
 

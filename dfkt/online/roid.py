@@ -37,7 +37,7 @@ def _minmax(w: torch.Tensor) -> torch.Tensor:
     return (w - w.min()) / (w.max() - w.min()).clamp_min(1e-8)
 
 
-@register("roid", task="tta")
+@register("roid", task="tta", family="online")
 class ROID(TTAMethod):
     """ROID (Marsden et al., WACV 2024): weighted soft-likelihood-ratio self-training with weight ensembling and prior correction.
 

@@ -102,7 +102,7 @@ class MemoryBank:
                                   state["age"][k]])
 
 
-@register("rotta", task="tta")
+@register("rotta", task="tta", family="online")
 class RoTTA(TTAMethod):
     """RoTTA (Yuan et al., CVPR 2023): robust BN, a category-balanced memory bank and a timeliness-weighted mean teacher.
 

@@ -76,7 +76,7 @@ class SAM:
         self.base.load_state_dict(state)
 
 
-@register("sar", task="tta")
+@register("sar", task="tta", family="online")
 class SAR(TTAMethod):
     """SAR (Niu et al., ICLR 2023): reliable entropy minimisation with sharpness-aware steps and model recovery.
 

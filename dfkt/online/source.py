@@ -5,7 +5,7 @@ from ..registry import register
 from .base import TTAMethod
 
 
-@register("source", task="tta")
+@register("source", task="tta", family="baseline")
 class Source(TTAMethod):
     """Source: no adaptation; the source model predicts the stream in eval mode (its own BN statistics).
 

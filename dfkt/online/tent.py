@@ -18,7 +18,7 @@ class TentOptions:
     momentum: float = 0.9          # sgd only
 
 
-@register("tent", task="tta")
+@register("tent", task="tta", family="online")
 class Tent(TTAMethod):
     """Tent (Wang et al., ICLR 2021): minimise the prediction entropy online, training only the norm layers' scale/shift.
 

@@ -23,7 +23,7 @@ class AaDOptions:
     nesterov: bool = True
 
 
-@register("aad", task="sfda")
+@register("aad", task="sfda", family="self-training")
 class AaD(BankMethod):
     """AaD (Yang et al., NeurIPS 2022): attract kNN predictions, disperse the batch's other predictions."""
 

@@ -16,7 +16,7 @@ class AdaBNOptions:
     passes: int = 1        # passes over the target (cumulative average over all of them)
 
 
-@register("adabn", task="sfda")
+@register("adabn", task="sfda", family="self-training")
 class AdaBN(Method):
     """AdaBN (Li et al., 2016): BatchNorm running statistics recomputed on the target; no gradient step."""
 

@@ -28,7 +28,7 @@ class CCLOptions:
     nesterov: bool = True
 
 
-@register("ccl", task="sfda")
+@register("ccl", task="sfda", family="self-training")
 class CCL(SFDAMethod):
     """CCL (dfkt): IM + kNN-propagated SHOT cluster pseudo-labels, enforced on clean and strongly augmented views."""
 

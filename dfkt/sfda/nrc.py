@@ -25,7 +25,7 @@ class NRCOptions:
     nesterov: bool = True
 
 
-@register("nrc", task="sfda")
+@register("nrc", task="sfda", family="self-training")
 class NRC(BankMethod):
     """NRC (Yang et al., NeurIPS 2021): reciprocal-kNN and expanded-neighbour prediction consistency + diversity."""
 

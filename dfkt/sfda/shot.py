@@ -27,7 +27,7 @@ class ShotOptions:
     nesterov: bool = True
 
 
-@register("shot", task="sfda")
+@register("shot", task="sfda", family="self-training")
 class Shot(SFDAMethod):
     """SHOT (Liang et al., ICML 2020): information maximisation + self-supervised clustering pseudo-labels."""
 

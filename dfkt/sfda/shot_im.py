@@ -16,7 +16,7 @@ class ShotIMOptions:
     nesterov: bool = True
 
 
-@register("shot-im", task="sfda")
+@register("shot-im", task="sfda", family="self-training")
 class ShotIM(Shot):
     """SHOT-IM (Liang et al., ICML 2020): entropy minimisation + diversity, head frozen."""
 

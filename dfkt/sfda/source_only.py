@@ -5,7 +5,7 @@ from ..registry import register
 from ..core.method import Method
 
 
-@register("source-only", task="sfda")
+@register("source-only", task="sfda", family="baseline")
 class SourceOnly(Method):
     """Source-only: no adaptation; evaluates the source model on the target."""
 

@@ -21,7 +21,7 @@ class TentOptions:
     reset_stats: bool = False                    # start BN running statistics from scratch on the target
 
 
-@register("tent", task="sfda")
+@register("tent", task="sfda", family="self-training")
 class Tent(Method):
     """Tent (Wang et al., ICLR 2021): minimise prediction entropy, updating only BatchNorm scale/shift.
 
