@@ -80,7 +80,7 @@ def split_options(method_cls: type, options: dict, train: Any = None) -> tuple[A
 
 def fingerprint(method: str, opts: Any, tc: TrainConfig, extra: dict | None = None) -> str:
     volatile = {"checkpoint_dir", "progress", "checkpoint_every", "eval_every", "num_workers", "device",
-                "time_budget_s"}
+                "time_budget_s", "log_dir"}
     d = {"method": method, "options": to_dict(opts),
          "train": {k: v for k, v in to_dict(tc).items() if k not in volatile}, **(extra or {})}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -54,6 +54,8 @@ def _train_overrides(cfg, args) -> None:
         cfg.train.progress = False
     if getattr(args, "out", None):
         cfg.out = args.out
+    if getattr(args, "log_dir", None):
+        cfg.train.log_dir = args.log_dir
     # models are built (randomly initialised) before the run seeds itself: seed here too, so that
     # train.seed decides the initial weights and a run does not depend on what ran before it
     seed_everything(cfg.train.seed)
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
             sp.add_argument("--resume", action="store_true", help="continue from <out>/resume.pt")
             sp.add_argument("--out", help="output folder (model.pt, history.json, resume.pt)")
+            sp.add_argument("--log-dir", help="experiment logs there: per-step loss terms and per-epoch metrics as "
+                                              "CSV (+ TensorBoard with dfkt[tensorboard]); = train.log_dir")
         sp.add_argument("--data-root", help="folder with the data files (default: $DFKT_DATA)")
         sp.add_argument("--device", help="auto | cpu | cuda | cuda:N")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")

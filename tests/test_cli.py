@@ -40,7 +40,10 @@ def test_train_teacher_then_distill(examples, capsys):
     assert main(["train-teacher", str(examples / "teacher-digits.yaml"), "--set", "train.epochs=3",
                  "--no-progress", "-q"]) == 0
     assert main(["distill", str(examples / "dafl-digits.yaml"), "--set", "train.epochs=1",
-                 "--set", "train.iters_per_epoch=3", "--no-progress", "-q"]) == 0
+                 "--set", "train.iters_per_epoch=3", "--no-progress", "-q", "--log-dir", "logs/dafl"]) == 0
+    steps = Path("logs/dafl/steps.csv").read_text().splitlines()     # --log-dir: the DFKD terms per step
+    assert len(steps) == 4 and steps[0].startswith("step,epoch,") and "kd" in steps[0].split(",")
+    assert Path("logs/dafl/epochs.csv").is_file()
     student = dfkt.load("runs/dafl-digits/model.pt")
     assert student.dfkt_meta["method"] == "dafl"
     assert sum(p.numel() for p in student.parameters()) < 0.5 * sum(

@@ -96,7 +96,9 @@ def ddp(tmp_path_factory) -> dict:
         "methods": {SFDA_METHOD: {"train": {"epochs": 1, "batch_size": 64}}},
         "tasks": [{"name": "uci-noise", "source": {"domain": "digits", "size": 32},
                    "target": {"domain": "digits", "size": 32, "split": "test", "corruption": "gaussian_noise"}}]}))
-    runs = [dict(shot, name="shot"), dict(shot, name="shot_resumed", crash_after_epoch=1), dict(dafl, name="dafl"),
+    logged = lambda name: dict(shot, train=dict(shot["train"], log_dir=str(tmp / "logs" / name)))  # noqa: E731
+    runs = [dict(logged("shot"), name="shot"), dict(logged("shot_resumed"), name="shot_resumed", crash_after_epoch=1),
+            dict(dafl, name="dafl"),
             {"name": "bench", "kind": "bench", "suite": str(suite)}]
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp / "out"), "runs": runs}))
@@ -145,6 +147,16 @@ def test_resume_under_ddp_equals_uninterrupted(ddp) -> None:
     assert resumed["resumed_from_epoch"] == 1
     assert any("resumed shot" in line and "at epoch 1" in line for line in resumed["log"])
     assert _strip(resumed["history"]) == _strip(full["history"]) and resumed["acc"] == full["acc"]
+
+
+def test_experiment_logs_rank0_only_and_resumed_without_duplicates(ddp) -> None:
+    logs = ddp["out"].parent / "logs"
+    full, resumed = ((logs / name / "steps.csv").read_text().splitlines() for name in ("shot", "shot_resumed"))
+    steps_per_epoch = SHOT_RUN["subset"] // SHOT_RUN["train"]["batch_size"]
+    assert len(full) == 1 + SHOT_RUN["train"]["epochs"] * steps_per_epoch      # one row per step: rank 0 alone
+    assert resumed == full       # epoch 2 was logged before the crash, dropped on resume and logged again
+    epochs = (logs / "shot" / "epochs.csv").read_text().splitlines()
+    assert len(epochs) == 1 + SHOT_RUN["train"]["epochs"]
 
 
 def _matches_single_process(ddp, name: str) -> None:

@@ -38,6 +38,7 @@ class TrainConfig:
     eval_every: int = 1
     time_budget_s: Optional[float] = None   # stop after this much training time (checked per step)
     progress: Optional[bool] = None         # progress bars; None: only when stderr is a terminal
+    log_dir: Optional[str] = None           # experiment logs: steps.csv, epochs.csv (+ TensorBoard events)
     on_collapse: Literal["rollback", "warn", "stop"] = "rollback"   # SFDA: the label-free collapse guard
 
     def validate(self) -> None:

@@ -1,7 +1,8 @@
 """The one training loop: epochs of method steps, progress, history, evaluation, checkpoint/resume.
 
 Loss terms are summed on the device and read once per epoch; the only per-step host sync is the
-NaN guard's single flag. Resume restores the learner, the method's tracked state (optimisers,
+NaN guard's single flag. With ``train.log_dir`` the per-step terms are buffered as device tensors and
+written with the epoch records by :class:`~dfkt.core.runlog.RunLog`. Resume restores the learner, the method's tracked state (optimisers,
 schedulers, generators, memory banks), all RNG states and the history, so a resumed CPU run is
 identical to an uninterrupted one.
 """
@@ -24,6 +25,7 @@ from . import distributed as dist
 from .checkpoint import (FORMAT_VERSION, RESUME_FORMAT, RESUME_NAME, atomic_save, load_state_strict, model_spec,
                          read_checkpoint)
 from .method import Method
+from .runlog import FLUSH_EVERY, RunLog
 
 log = logging.getLogger("dfkt")
 
@@ -137,6 +139,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
                 log.info("resumed %s from %s at epoch %d (step %d)", method.name, ckpt, start, ctx.step)
         elif dist.is_main():
             log.info("no checkpoint at %s yet: starting from scratch", ckpt)
+    runlog = RunLog.open(tc.log_dir, start, ctx.step, ctx.device)   # train.log_dir: CSV (+ TensorBoard)
     epochs = tc.epochs if method.trains else 1
     show = (tc.progress if tc.progress is not None else sys.stderr.isatty()) and dist.is_main()
     for epoch in range(start, epochs):
@@ -150,12 +153,15 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
                    desc=f"{method.name} {epoch + 1}/{epochs}")
         out_of_time = False
         for batch in method.batches():
-            terms = method.step(batch)
+            terms = {k: v.detach().float() for k, v in method.step(batch).items()}
             for k, v in terms.items():
-                v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v
             n += 1
             ctx.step += 1
+            if runlog is not None:   # buffered on the device; written at the epoch end (or every FLUSH_EVERY)
+                runlog.add_step(ctx.step, epoch + 1, terms)
+                if runlog.pending >= FLUSH_EVERY:
+                    runlog.flush_steps()
             bar.update()
             if tc.time_budget_s is not None and _out_of_time(history.train_time_s + time.perf_counter() - t0,
                                                              tc.time_budget_s, ctx.device):
@@ -185,6 +191,8 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
         if ctx.guard.skipped:
             rec["skipped_steps"] = ctx.guard.skipped
         history.records.append(rec)
+        if runlog is not None:
+            runlog.add_epoch(rec)
         if dist.is_main():   # under torchrun only rank 0 logs (and checkpoints, below)
             log.info("%s epoch %d/%d: %s", method.name, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
@@ -197,5 +205,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
             if dist.is_main():
                 log.info("time budget of %.0f s reached after epoch %d", tc.time_budget_s, epoch + 1)
             break
+    if runlog is not None:
+        runlog.close()
     dist.barrier()
     return history
