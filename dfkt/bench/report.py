@@ -287,6 +287,12 @@ def publish(doc: dict, out: Path, results_md: Path) -> Path:
     for png in sorted(out.glob("*.png")):
         shutil.copy2(png, dest / png.name)
         md += f"\n![{png.stem}](results/{name}/{png.name})\n"
+    return write_section(results_md, name, md)
+
+
+def write_section(results_md: Path, name: str, md: str) -> Path:
+    """Replace (or append) the section ``name`` of RESULTS.md, between its ``<!-- suite:NAME -->`` markers."""
+    results_md = Path(results_md)
     begin, end = f"<!-- suite:{name} -->", f"<!-- /suite:{name} -->"
     section = f"{begin}\n{md}\n{end}"
     text = results_md.read_text() if results_md.exists() else (

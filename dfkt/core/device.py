@@ -14,13 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """'auto' -> cuda (this rank's GPU under torchrun) if available, else mps, else cpu.
+    """'auto' -> $DFKT_DEVICE if set (e.g. the test suite's DFKT_TEST_DEVICE), else cuda (this rank's GPU
+    under torchrun) if available, else mps, else cpu.
 
     Asking for CUDA on a machine without it falls back to the CPU with a warning naming the fallback.
     """
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").lower()
+    if spec == "auto" and os.environ.get("DFKT_DEVICE", "auto").strip().lower() not in ("", "auto"):
+        spec = os.environ["DFKT_DEVICE"].strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
