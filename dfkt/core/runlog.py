@@ -142,7 +142,7 @@ class RunLog:
             table = torch.stack(cols, 1)
             if dist.is_dist():
                 table = dist.all_reduce_sum(table, differentiable=False) / dist.world_size()
-            values = table.tolist()   # the one sync of this flush
+            values = table.tolist() if self.writes else []   # the one sync of this flush (rank 0)
         else:
             values = [[] for _ in self._steps]
         if self.writes:
