@@ -22,7 +22,7 @@ from .core import distributed as dist
 from .core.checkpoint import load_model, save_model
 from .core.context import Context, TrainConfig
 from .core.device import resolve_device, seed_everything
-from .core.evaluate import accuracy, evaluate, label_free_scores, predict
+from .core.evaluate import accuracy, evaluate, label_free_scores, predict, reestimate_bn
 from .core.guard import CollapseGuard, GuardPolicy, Reference, guard_finish
 from .core.hooks import batchnorm_layers
 from .core.loader import dataset_len
@@ -288,14 +288,25 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
     scored = eval_data if eval_data is not None else view
     # the source model on the target: epoch 0 of the collapse guard (labels: reported accuracy only)
     src = predict(ctx.teacher, view, device, features=True)
+    ctx.share_pass(src)     # the learner starts as this model: its first pseudo-labels / banks read this pass
     source_metrics = (_scores(src) if scored is view else evaluate(ctx.teacher, scored, device, label_free=True))
-    guard = CollapseGuard(Reference(src["logits"], src["features"]), GuardPolicy(), tc.on_collapse)
+    # the reference: the source model with its BatchNorm statistics re-estimated on the target (AdaBN),
+    # the unadapted model's best guess about the target; methods may anchor to it, the guard compares with it
+    ref_model = reestimate_bn(copy.deepcopy(ctx.teacher), view, device)
+    ref_logits = src["logits"] if ref_model is None else predict(ref_model, view, device)["logits"]
+    del ref_model
+    ctx.reference = Reference(ref_logits, source_logits=src["logits"])
+    guard = CollapseGuard(ctx.reference, GuardPolicy(), tc.on_collapse)
     del src
 
     def eval_fn(m: nn.Module) -> dict:
-        out = predict(m, scored, device)
-        res = _scores(out)
-        logits = out["logits"] if scored is view else predict(m, view, device)["logits"]
+        # one pass over the target per epoch serves the reported scores, the guard and (shared with
+        # the method) the next epoch's pseudo-labels / bank refresh
+        out = predict(m, view, device, features=True)
+        if dist.unwrap(m) is dist.unwrap(ctx.learner):   # (a method may deploy another model, e.g. an EMA)
+            ctx.share_pass(out)
+        res = _scores(out if scored is view else predict(m, scored, device))
+        logits = out["logits"]
         g = guard.observe(ctx.epoch + 1, logits, m)       # never sees a label
         res.update({f"guard_{k}": v for k, v in g.items() if k != "epoch"})
         if g["collapsed"] and tc.on_collapse == "stop":

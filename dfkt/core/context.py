@@ -166,6 +166,8 @@ class Context:
     steps_per_epoch: int = 1                # set by the method at setup (for lr schedules)
     time_base: float = 0.0                  # training seconds of the finished epochs (restored on resume)
     epoch_t0: Optional[float] = None        # perf_counter() at the start of the running epoch
+    last_pass: Optional[dict] = None        # SFDA: the latest no-grad pass over the target (see share_pass)
+    reference: Any = None                   # SFDA: dfkt.core.guard.Reference (the AdaBN source's predictions)
     parts: Parts = field(init=False)
 
     def __post_init__(self) -> None:
@@ -218,6 +220,17 @@ class Context:
         per_rank = max(1, bs // dist.world_size()) if shard else bs
         return make_loader(dataset, per_rank, self.device, shuffle=shuffle, drop_last=drop_last,
                            generator=self.rng, num_workers=self.train.num_workers, shard=shard)
+
+    def share_pass(self, outputs: dict) -> None:
+        """Offer a full no-grad pass over the target (logits, features, labels in index order) made with
+        the weights of the current step, so that other readers at the same step (the next epoch's
+        pseudo-labels, memory banks) reuse it instead of running the same pass again."""
+        self.last_pass = {"step": self.step, **outputs}
+
+    def shared_pass(self) -> Optional[dict]:
+        """The pass offered at the current step, if any (weights unchanged since)."""
+        lp = self.last_pass
+        return lp if lp is not None and lp["step"] == self.step and "features" in lp else None
 
     def ddp(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DDP under torchrun (gradients averaged over ranks), else itself."""

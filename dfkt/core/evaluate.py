@@ -89,3 +89,29 @@ def evaluate(model: nn.Module, dataset, device: torch.device, label_free: bool =
     if label_free:
         res.update(label_free_scores(out["logits"]))
     return res
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, dataset, device: torch.device, batch_size: int = 256) -> nn.Module:
+    """AdaBN (Li et al., 2016) in place: every BatchNorm layer's running statistics become the exact
+    statistics of ``dataset`` (cumulative average over one pass, BN in train mode, everything else in
+    eval mode: no dropout). A model without BatchNorm is returned unchanged."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    was = model.training
+    model.eval()
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for x, _y, _idx in make_loader(dataset, batch_size, device, shuffle=False, shard=False):
+            if x.shape[0] >= 2:
+                model(x)
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return model

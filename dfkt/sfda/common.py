@@ -222,12 +222,16 @@ class SFDAMethod(Method):
             yield Batch(x, idx)
 
     @torch.no_grad()
-    def target_outputs(self, model: nn.Module | None = None, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    def target_outputs(self, model: nn.Module | None = None, batch_size: int = 512) -> dict[str, torch.Tensor]:
         """Logits and bottleneck features of every target sample (eval mode, one batched pass).
 
         A target with an ``eval_view`` attribute (the same samples, same order, test-time transform,
         e.g. SHOT's centre crops for image lists) is read through that view.
         """
+        if model is None:
+            shared = self.ctx.shared_pass()    # the evaluation pass of the same weights, when there was one
+            if shared is not None:
+                return shared
         data = getattr(self.ctx.target, "eval_view", None)
         data = self.ctx.target if data is None else data
         return predict(model if model is not None else self.ctx.learner, data, self.ctx.device,
