@@ -162,6 +162,32 @@ def test_neighbourhood_methods_improve(method, source_model, target, source_acc)
     assert res.acc >= source_acc + 2, (method, res.acc, source_acc)
 
 
+def test_adaptation_rules_dropout_off_and_backbone_lr_by_size(source_model):
+    """Every SFDA method adapts with dropout off (unless dropout=True) and scales the backbone's lr by
+    its size when backbone_lr is None (x0.1 from 5M parameters, x1 below)."""
+    from types import SimpleNamespace
+    from dfkt.sfda.common import SFDAMethod
+
+    def fake(**opts):
+        m = SimpleNamespace(opts=SimpleNamespace(**opts), ctx=SimpleNamespace(learner=copy.deepcopy(source_model)),
+                            BIG_BACKBONE=SFDAMethod.BIG_BACKBONE)
+        m.opt = lambda name, default: getattr(m.opts, name, default)
+        return m
+    drops = lambda model: [d.training for d in model.modules() if isinstance(d, nn.Dropout2d)]
+    m = fake(dropout=False)
+    SFDAMethod.train_mode(m)
+    assert drops(m.ctx.learner) == [False] and m.ctx.learner.training
+    assert all(b.training for b in m.ctx.learner.modules() if isinstance(b, nn.BatchNorm2d | nn.BatchNorm1d))
+    m = fake(dropout=True)
+    SFDAMethod.train_mode(m)
+    assert drops(m.ctx.learner) == [True]
+    small = [nn.Parameter(torch.zeros(1000))]
+    big = [nn.Parameter(torch.zeros(6_000_000))]
+    assert SFDAMethod.backbone_lr(fake(backbone_lr=None), small) == 1.0
+    assert SFDAMethod.backbone_lr(fake(backbone_lr=None), big) == 0.1
+    assert SFDAMethod.backbone_lr(fake(backbone_lr=0.5), big) == 0.5
+
+
 def test_ccl_improves_over_source_only(source_model, target, source_acc):
     res = dfkt.adapt(source_model, target, method="ccl", epochs=6, **CPU)
     assert res.acc >= source_acc + 10, (res.acc, source_acc)

@@ -101,7 +101,7 @@ class GuardPolicy:
     * ``hist_classes < min_class_fraction * reference's`` (the effective number of predicted classes,
       exp of the entropy of the predicted-class histogram, has fallen below half the reference's), or
     * ``changed_confident >= max_changed_confident`` and ``changed_confident >= max_change_ratio *
-      changed_unsure`` (a quarter or more of the reference's confident half changed class, at 60 % or
+      changed_unsure`` (a quarter or more of the reference's confident half changed class, at half or
       more of the rate on its unsure half).
 
     Measured on the dev half of sfda-shifts (benchmarks/sfda-shifts.yaml): runs that improve on the

@@ -39,6 +39,33 @@ def batchnorm_layers(model: nn.Module, method: str | None = None) -> dict[str, n
     return bns
 
 
+class frozen_bn_stats:
+    """Within the block, BatchNorm layers in train mode still normalise with the batch's statistics but
+    leave their running statistics untouched (momentum 0): for forward passes on augmented views whose
+    statistics must not leak into the model that is evaluated and returned.
+
+    >>> with frozen_bn_stats(model):
+    ...     logits_strong = model(strong_view)
+    """
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                      for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for m, mom, nbt in self.saved:
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+        return False
+
+
 class FeatureRecorder:
     """Record the outputs (or inputs) of named modules during forward passes.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -16,8 +17,10 @@ from .common import batch_knn, check_target_size
 class AaDOptions:
     K: int = 5                # neighbours attracted (official: 5 VisDA, 3 Office-Home)
     alpha: float = 1.0        # dispersion weight at the start ...
-    beta: float = 5.0         # ... decaying as alpha * (1 + 10 p) ** -beta (official VisDA: 5; Office: 0.75..)
-    backbone_lr: float = 0.1  # official: backbone lr x0.1, bottleneck and head x1
+    beta: float = 0.0         # dispersion decay alpha * (1 + 10 p) ** -beta (0 = constant, the official
+    #                           Office-31/Office-Home setting; official VisDA: 5); see the class docstring
+    backbone_lr: Optional[float] = None   # None: x0.1 for a backbone >= 5M params, else x1 (SFDAMethod)
+    dropout: bool = False     # keep dropout on while adapting (official code: on; see SFDAMethod)
     head_lr: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
@@ -25,7 +28,18 @@ class AaDOptions:
 
 @register("aad", task="sfda", family="self-training")
 class AaD(BankMethod):
-    """AaD (Yang et al., NeurIPS 2022): attract kNN predictions, disperse the batch's other predictions."""
+    """AaD (Yang et al., NeurIPS 2022): attract kNN predictions, disperse the batch's other predictions.
+
+    Why the dispersion no longer decays by default (issue 9): with the VisDA schedule
+    alpha * (1 + 10 p) ** -5 the dispersion weight is 0.4 % of its start after a third of the run, and
+    the attraction alone is minimised by predicting one class for a neighbourhood and then for its
+    neighbours: the target's classes merge. Measured on sfda-shifts (dev, seed 0): shapes noise@4
+    95.2 % at epoch 1, 69.1 % at the end; zigzag@4 65.7 -> 13.1 %; rotate@4 below the source. The
+    official Office-31/Office-Home setting keeps alpha constant (beta 0), which does not merge classes
+    (shapes noise@4 96.7 %, rotate@4 69.9 % against 69.8 % source). ``beta=5`` restores the VisDA schedule.
+    With the SFDAMethod rules too (dropout off, backbone lr x1 for the LeNet): zigzag@4 77.7 %,
+    rotate@4 77.0, motion_blur@4 82.7 (was 73.3), scale@4 95.9 (was 74.6), shapes noise@4 97.8.
+    """
 
     Options = AaDOptions
     defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}

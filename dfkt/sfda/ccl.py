@@ -3,10 +3,12 @@ pseudo-labels, learned under strong on-device augmentation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..core.hooks import frozen_bn_stats
 from ..core.losses import entropy, marginal_entropy
 from ..core.method import Batch
 from ..registry import register
@@ -23,7 +25,8 @@ class CCLOptions:
     lp_iters: int = 10
     threshold: float = 0.0       # keep pseudo-labels whose propagated confidence is >= this
     rounds: int = 1              # SHOT clustering rounds
-    backbone_lr: float = 1.0
+    backbone_lr: Optional[float] = None   # None: x0.1 for a backbone >= 5M params, else x1 (SFDAMethod)
+    dropout: bool = False     # keep dropout on while adapting (official code: on; see SFDAMethod)
     momentum: float = 0.9
     nesterov: bool = True
 
@@ -60,11 +63,11 @@ class CCL(SFDAMethod):
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         o = self.opts
-        b = batch.x.shape[0]
         xs = strong_augment(batch.x, self.ctx.rng)
         with self.ctx.autocast():
-            logits = self.net(torch.cat([batch.x, xs], 0)).float()
-        lc, ls = logits[:b], logits[b:]
+            lc = self.net(batch.x).float()
+            with frozen_bn_stats(self.ctx.learner):     # the strong view's statistics stay out of BN
+                ls = self.net(xs).float()
         ent, div = entropy(lc), marginal_entropy(lc)
         w = batch.weights
         ce = (F.cross_entropy(lc, batch.targets, reduction="none") * w).sum() / w.sum().clamp_min(1)

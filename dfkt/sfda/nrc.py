@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,8 @@ class NRCOptions:
     reciprocal_weight: float = 1.0   # weight of a reciprocal neighbour
     other_weight: float = 0.1     # weight of a non-reciprocal neighbour and of every expanded neighbour
     diversity: float = 1.0        # weight of the batch diversity term (sum p̄ log p̄)
-    backbone_lr: float = 0.1      # official: backbone lr x0.1, bottleneck and head x1
+    backbone_lr: Optional[float] = None   # None: x0.1 for a backbone >= 5M params, else x1 (SFDAMethod)
+    dropout: bool = False     # keep dropout on while adapting (official code: on; see SFDAMethod)
     head_lr: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
@@ -27,7 +29,16 @@ class NRCOptions:
 
 @register("nrc", task="sfda", family="self-training")
 class NRC(BankMethod):
-    """NRC (Yang et al., NeurIPS 2021): reciprocal-kNN and expanded-neighbour prediction consistency + diversity."""
+    """NRC (Yang et al., NeurIPS 2021): reciprocal-kNN and expanded-neighbour prediction consistency + diversity.
+
+    Why NRC decayed below the source model on digit shifts (issue 9), and the fix: the official object
+    settings (backbone lr x0.1, dropout on in train mode) on a small from-scratch LeNet leave the
+    features nearly fixed while the trainable head follows the kNN votes of features that do not
+    separate the target's classes, and Dropout2d re-draws those features every step. With the two
+    SFDAMethod rules (dropout off, backbone lr by size: x1 for the LeNet) on sfda-shifts dev, seed 0:
+    zigzag@4 19.5 -> 79.7 % (source 62.8), motion_blur@4 77.2 -> 85.8, scale@4 82.0 -> 96.4,
+    rotate@4 69.5 -> 76.8. Object backbones (>= 5M parameters) keep the published x0.1.
+    """
 
     Options = NRCOptions
     defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..registry import register
 from .shot import Shot
@@ -11,7 +12,8 @@ from .shot import Shot
 class ShotIMOptions:
     ent_par: float = 1.0
     gent: bool = True
-    backbone_lr: float = 1.0
+    backbone_lr: Optional[float] = None   # None: x0.1 for a backbone >= 5M params, else x1 (SFDAMethod)
+    dropout: bool = False     # keep dropout on while adapting (official code: on; see SFDAMethod)
     momentum: float = 0.9
     nesterov: bool = True
 
