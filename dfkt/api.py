@@ -296,7 +296,8 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
     ref_logits = src["logits"] if ref_model is None else predict(ref_model, view, device)["logits"]
     del ref_model
     ctx.reference = Reference(ref_logits, source_logits=src["logits"])
-    guard = CollapseGuard(ctx.reference, GuardPolicy(), tc.on_collapse)
+    # a method that trains nothing (source-only, AdaBN: the reference itself) has nothing to guard
+    guard = CollapseGuard(ctx.reference, GuardPolicy(), tc.on_collapse) if cls.trains else None
     del src
 
     def eval_fn(m: nn.Module) -> dict:
@@ -306,6 +307,8 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
         if dist.unwrap(m) is dist.unwrap(ctx.learner):   # (a method may deploy another model, e.g. an EMA)
             ctx.share_pass(out)
         res = _scores(out if scored is view else predict(m, scored, device))
+        if guard is None:
+            return res
         logits = out["logits"]
         g = guard.observe(ctx.epoch + 1, logits, m)       # never sees a label
         res.update({f"guard_{k}": v for k, v in g.items() if k != "epoch"})
@@ -315,10 +318,13 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
         return res
 
     def finish(model: nn.Module, history: History, metrics: dict):
+        if guard is None:
+            return model, metrics, None
         return guard_finish(guard, model, ctx.teacher, history, metrics, source_metrics, cls.name)
 
     method = cls(ctx, opts)
-    method.track("collapse_guard", guard)   # resumed runs keep the guard's history and best epoch
+    if guard is not None:
+        method.track("collapse_guard", guard)   # resumed runs keep the guard's history and best epoch
     return _run(cls, ctx, opts, eval_fn, out, resume, {"target": getattr(target, "name", type(target).__name__)},
                 make_method=lambda: method, finish=finish)
 

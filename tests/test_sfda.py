@@ -295,7 +295,9 @@ def test_shot_one_step_on_an_image_list(tmp_path: Path):
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/sfda/office31.yaml").read_text())
     opts = dict(cfg["options"])
     train = dict(cfg["train"], epochs=1, batch_size=4)
-    res = dfkt.adapt(model, target, method=cfg["method"], train=train, time_budget_s=1e-9, **opts, **CPU)
+    # (random images: the collapse guard would roll back to the source; this test looks at the step itself)
+    res = dfkt.adapt(model, target, method=cfg["method"], train=train, time_budget_s=1e-9, on_collapse="warn",
+                     **opts, **CPU)
     assert res.history.last["step"] == 1
     changed = _changed(before, _state(res.model))
     assert any(k.startswith("backbone.") for k in changed) and not any(k.startswith("head.") for k in changed)
