@@ -160,7 +160,8 @@ def test_one_adapt_and_one_distill_step(name, kwargs):
         return name(4, seed) if callable(name) else build_model(name, num_classes=4, seed=seed, **kwargs)
 
     model = build(0)
-    res = dfkt.adapt(model, _target(), method="shot", epochs=1, batch_size=4, **CPU)
+    # (random weights and images: the collapse guard would roll back; this test looks at the step itself)
+    res = dfkt.adapt(model, _target(), method="shot", epochs=1, batch_size=4, on_collapse="warn", **CPU)
     assert res.history.last["step"] == 2 and 0 <= res.acc <= 100
     changed = [k for k, v in res.model.state_dict().items()
                if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])]
@@ -175,7 +176,7 @@ def test_one_adapt_and_one_distill_step(name, kwargs):
 def test_tent_adapts_layer_norms_without_batchnorm(name, kwargs):
     model = build_model(name, num_classes=4, seed=0, **kwargs)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    res = dfkt.adapt(model, _target(), method="tent", epochs=1, batch_size=4, **CPU)
+    res = dfkt.adapt(model, _target(), method="tent", epochs=1, batch_size=4, on_collapse="warn", **CPU)
     before = model.state_dict()
     changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
     norm_params = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
