@@ -40,6 +40,8 @@ class TrainConfig:
     progress: Optional[bool] = None         # progress bars; None: only when stderr is a terminal
     log_dir: Optional[str] = None           # experiment logs: steps.csv, epochs.csv (+ TensorBoard events)
     on_collapse: Literal["rollback", "warn", "stop"] = "rollback"   # SFDA: the label-free collapse guard
+    neighbour_index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"   # feature-bank kNN (NRC, AaD,
+    #                                       AdaContrast): auto = exact below 50k rows / on GPU, else IVF (core.neighbors)
 
     def validate(self) -> None:
         for name in ("epochs", "iters_per_epoch", "batch_size", "checkpoint_every", "eval_every", "max_bad_steps"):

@@ -53,7 +53,7 @@ class AaD(BankMethod):
         alpha = o.alpha * (1 + 10 * self.progress()) ** (-o.beta)
         _logits, p = self.forward_and_update(batch.x, batch.idx)
         with torch.no_grad():
-            _, nn_idx = batch_knn(self.fea_bank[batch.idx], self.fea_bank, o.K, batch.idx)
+            _, nn_idx = batch_knn(self.fea_bank[batch.idx], self.index, o.K, batch.idx)
             s_near = self.score_bank[nn_idx]                                        # [B, K, C]
         attract = -(p.unsqueeze(1) * s_near).sum(2).sum(1).mean()
         allp = all_gather_cat(p)                                                    # global batch

@@ -12,7 +12,6 @@ from ..core.distributed import all_gather_cat
 from ..core.hooks import frozen_bn_stats
 from ..core.losses import marginal_entropy, pseudo_label_ce
 from ..core.method import Batch, cosine_decay, ema_update, freeze
-from ..core.neighbors import knn
 from ..distill.pool import DataPool
 from ..registry import register
 from .banks import BankMethod
@@ -85,7 +84,7 @@ class AdaContrast(BankMethod):
     @torch.no_grad()
     def refine(self, feats: torch.Tensor) -> torch.Tensor:
         """Soft kNN vote: mean bank probability of the K nearest bank rows (cosine) -> pseudo-labels."""
-        _, idx = knn(feats.float(), self.fea_bank, self.opts.K, metric="cosine")
+        _, idx = self.index.search(F.normalize(feats.float(), dim=1), self.opts.K)
         return self.score_bank[idx].mean(1).argmax(1)
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -119,6 +118,5 @@ class AdaContrast(BankMethod):
             ema_update(self.ema, ctx.learner, o.momentum_ema)
             with ctx.autocast():
                 lw, fw = forward_with_features(self.ema, self.ema_head, xw)    # slow features -> bank
-            self.fea_bank[batch.idx] = F.normalize(fw.float(), dim=1)
-            self.score_bank[batch.idx] = F.softmax(lw.float(), 1)
+            self.write_bank(batch.idx, fw, F.softmax(lw.float(), 1))
         return terms

@@ -1,15 +1,26 @@
-"""Feature / score memory banks shared by the neighbourhood methods (NRC, AaD)."""
+"""Feature / score memory banks shared by the neighbourhood methods (NRC, AaD, AdaContrast)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..core.distributed import all_gather_cat
+from ..core.neighbors import BankIndex
 from .common import SFDAMethod, forward_with_features
 
 
 class BankMethod(SFDAMethod):
     """SFDA method with an L2-normalised feature bank and a softmax score bank over the target,
-    filled by one no-grad pass at setup and refreshed row-wise with every batch (tracked for resume)."""
+    filled by one no-grad pass at setup and refreshed row-wise with every batch (tracked for resume).
+
+    Neighbours are searched through ``self.index`` (``core.neighbors.BankIndex``): exact below 50k rows
+    or on an accelerator, an approximate faiss index above (``train.neighbour_index`` overrides).
+    The banks stay on the training device in float32 (the parameters' dtype; autocast changes the
+    compute only): the step's look-ups, gathers and writes then never leave the device. Under torchrun
+    every rank keeps the whole bank and writes the all-gathered batch rows (``write_bank``), so the ranks'
+    banks stay identical; no sharding: 1M rows of 256-d features + 345 class scores are 2.4 GB, which
+    fits a training GPU, and a sharded bank would need a distributed top-k merge in every step.
+    """
 
     train_head = True
     needs_index = True
@@ -18,6 +29,19 @@ class BankMethod(SFDAMethod):
         out = self.target_outputs()
         self.fea_bank = self.track("fea_bank", F.normalize(out["features"], dim=1).contiguous())
         self.score_bank = self.track("score_bank", F.softmax(out["logits"], 1).contiguous())
+        self.index = BankIndex(self.fea_bank, self.ctx.train.neighbour_index, seed=self.ctx.train.seed)
+
+    @torch.no_grad()
+    def write_bank(self, idx: torch.Tensor, feats: torch.Tensor, probs: torch.Tensor) -> None:
+        """Rows ``idx`` take the (L2-normalised) features and probabilities: every rank's batch rows."""
+        idx = all_gather_cat(idx)
+        self.fea_bank[idx] = F.normalize(all_gather_cat(feats.detach().float()), dim=1)
+        self.score_bank[idx] = all_gather_cat(probs.detach().float())
+        self.index.mark(idx)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.index.reset()                        # resumed banks: the index is rebuilt from them
 
     def forward_and_update(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and softmax of the batch; the batch's bank rows take the new (detached) values."""
@@ -25,7 +49,5 @@ class BankMethod(SFDAMethod):
             logits, feats = forward_with_features(self.net, self.ctx.parts.head, x)
         logits = logits.float()
         probs = F.softmax(logits, 1)
-        with torch.no_grad():
-            self.fea_bank[idx] = F.normalize(feats.detach().float(), dim=1)
-            self.score_bank[idx] = probs.detach()
+        self.write_bank(idx, feats, probs)
         return logits, probs

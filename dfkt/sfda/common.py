@@ -16,7 +16,7 @@ from torch import nn
 from ..core.evaluate import predict
 from ..core.hooks import BN_TYPES
 from ..core.method import Batch, Method, freeze, poly_decay
-from ..core.neighbors import knn
+from ..core.neighbors import BankIndex, knn
 from ..errors import ConfigError, DataError
 
 
@@ -76,11 +76,15 @@ def propagate_labels(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 # ----------------------------------------------------------------------------- neighbours
-def batch_knn(query: torch.Tensor, bank: torch.Tensor, k: int, query_index: torch.Tensor
+def batch_knn(query: torch.Tensor, bank: "torch.Tensor | BankIndex", k: int, query_index: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest bank rows (inner product on normalised rows) of each query, excluding the
-    query's own bank row ``query_index`` (falls back to dropping the last of the k+1 found)."""
-    sim, idx = knn(query, bank, k + 1, metric="ip")
+    query's own bank row ``query_index`` (falls back to dropping the last of the k+1 found).
+    ``bank``: the rows themselves (exact search) or a ``BankIndex`` over them (its rule decides)."""
+    if isinstance(bank, BankIndex):
+        sim, idx = bank.search(query, k + 1)
+    else:
+        sim, idx = knn(query, bank, k + 1, metric="ip")
     is_self = idx == query_index.view(-1, 1)
     drop = torch.where(is_self.any(1), is_self.float().argmax(1), torch.full_like(idx[:, 0], k))
     keep = torch.ones_like(idx, dtype=torch.bool)

@@ -53,9 +53,9 @@ class NRC(BankMethod):
         b = p.shape[0]
         with torch.no_grad():
             fb, sb = self.fea_bank, self.score_bank
-            _, nn_idx = batch_knn(fb[batch.idx], fb, o.K, batch.idx)                   # [B, K]
+            _, nn_idx = batch_knn(fb[batch.idx], self.index, o.K, batch.idx)                   # [B, K]
             flat = nn_idx.reshape(-1)
-            _, nn2 = batch_knn(fb[flat], fb, o.KK, flat)                                 # [B*K, KK]
+            _, nn2 = batch_knn(fb[flat], self.index, o.KK, flat)                            # [B*K, KK]
             nn2 = nn2.view(b, o.K, o.KK)
             reciprocal = (nn2 == batch.idx.view(b, 1, 1)).any(2)                         # [B, K]
             w = torch.where(reciprocal, torch.full_like(reciprocal, o.reciprocal_weight, dtype=p.dtype),
