@@ -101,10 +101,13 @@ def _threads_note(records: list[dict], env_threads) -> list[str]:
 
 
 def markdown(doc: dict) -> str:
+    from .scale import is_scale, markdown as scale_markdown
     from .tta import is_tta, markdown as tta_markdown
 
     if is_tta(doc):
         return tta_markdown(doc)
+    if is_scale(doc):
+        return scale_markdown(doc)
     rows = summarize(doc["records"])
     env = doc.get("env", {})
     out = [f"# Suite `{doc['suite']}`{' (quick)' if doc.get('quick') else ''}", ""]
@@ -192,10 +195,13 @@ def plots(doc: dict, out: Path) -> list[Path]:
     except ImportError:
         log.info("matplotlib not installed: no plots (pip install 'dfkt[plots]')")
         return []
+    from .scale import is_scale
     from .tta import is_tta, plots as tta_plots
 
     if is_tta(doc):
         return tta_plots(doc, out)
+    if is_scale(doc):
+        return []
     made = []
     rows = [r for r in summarize(doc["records"]) if not math.isnan(r["acc"])]   # unlabeled targets: no accuracy
     tasks = sorted({r["task_name"] for r in rows})

@@ -197,12 +197,15 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                       "torch_threads": threads})   # timings depend on it
         records.extend(recs)
         score = (f"acc {recs[0]['acc']} (ref {recs[0]['ref_acc']})" if "acc" in recs[0] else
-                 f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
+                 recs[0]["summary"] if "summary" in recs[0] else f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))
 
     if jobs > 1 and len(pending) > 1:
+        if suite.task == "scale":
+            raise ConfigError("a scale suite measures time: run it with --jobs 1 (runs side by side would time "
+                              "each other).")
         if dist.is_dist():
             raise ConfigError("--jobs > 1 runs several single-process runs side by side; under torchrun use "
                               "--jobs 1 (each run is then distributed over the ranks).")
@@ -227,9 +230,10 @@ def _run_one(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Pa
 
 def _task_runners() -> dict:
     """suite.task -> the function running one (task, method, seed); it returns a record (or a list of them)."""
+    from .scale import run_scale
     from .tta import run_tta
 
-    return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta}
+    return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta, "scale": run_scale}
 
 
 def _worker_init(threads: int) -> None:

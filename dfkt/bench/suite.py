@@ -2,7 +2,8 @@
 
 An SFDA suite trains (and caches) one source model per (source domain, seed) and adapts it to each
 target with each method; a DFKD suite trains (and caches) teachers and distils them into students; a
-TTA suite adapts the cached source models online on corruption streams (dfkt/bench/tta.py).
+TTA suite adapts the cached source models online on corruption streams (dfkt/bench/tta.py); a scale
+suite times neighbour search on synthetic feature banks (dfkt/bench/scale.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..config import from_dict, load_yaml
 from ..errors import ConfigError, suggest
 from ..online.config import StreamSpec
 from ..runconfig import DataRef
+from .scale import ScaleSpec
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TaskSpec:
     source_options: dict = field(default_factory=dict)  # merged into the source recipe's options (SFDA)
     overrides: Optional[dict] = None                   # refused: see validate()
     stream: Optional[StreamSpec] = None                # TTA: corruptions, severity, protocol of the stream
+    scale: Optional[ScaleSpec] = None                  # scale: the synthetic feature bank (dfkt/bench/scale.py)
 
     def validate(self, where: str = "task") -> None:
         if self.overrides is not None:
@@ -81,7 +84,7 @@ class QuickSpec:
 @dataclass
 class Suite:
     suite: str
-    task: Literal["sfda", "dfkd", "tta"]
+    task: Literal["sfda", "dfkd", "tta", "scale"]
     methods: dict[str, MethodRun]
     tasks: list[TaskSpec]
     seeds: int = 3
@@ -97,6 +100,9 @@ class Suite:
     def validate(self) -> None:
         from ..registry import get_method
 
+        if self.task == "scale":            # methods are neighbour index modes, not registered methods
+            from .scale import validate
+            return validate(self)
         for name, run in self.methods.items():
             get_method(run.method or name, task=self.task)   # unknown method: a clear error at load time
             if self.defaults_only and (run.options or run.train):

@@ -212,7 +212,7 @@ class BankIndex:
     whole bank was replaced, e.g. on resume) rebuilds it at the next search.
     """
 
-    def __init__(self, bank: torch.Tensor, mode: str = "auto", nprobe: int = 8, candidates: int = 48,
+    def __init__(self, bank: torch.Tensor, mode: str = "auto", nprobe: int = 8, candidates: int = 64,
                  seed: int = 0):
         self.bank = bank
         self.kind = choose_index(bank.shape[0], bank.device, mode)
