@@ -15,8 +15,9 @@ class BankMethod(SFDAMethod):
 
     Neighbours are searched through ``self.index`` (``core.neighbors.BankIndex``): exact below 50k rows
     or on an accelerator, an approximate faiss index above (``train.neighbour_index`` overrides).
-    The banks stay on the training device in float32 (the parameters' dtype; autocast changes the
-    compute only): the step's look-ups, gathers and writes then never leave the device. Under torchrun
+    The banks stay on the training device in the dtype of the model's parameters (float32 for the models
+    here; autocast changes the compute only): the step's look-ups, gathers and writes then never leave the
+    device, and the bank is as precise as the features it stores (README: "Targets of any size"). Under torchrun
     every rank keeps the whole bank and writes the all-gathered batch rows (``write_bank``), so the ranks'
     banks stay identical; no sharding: 1M rows of 256-d features + 345 class scores are 2.4 GB, which
     fits a training GPU, and a sharded bank would need a distributed top-k merge in every step.
@@ -27,16 +28,17 @@ class BankMethod(SFDAMethod):
 
     def setup_extra(self) -> None:
         out = self.target_outputs()
-        self.fea_bank = self.track("fea_bank", F.normalize(out["features"], dim=1).contiguous())
-        self.score_bank = self.track("score_bank", F.softmax(out["logits"], 1).contiguous())
+        dtype = next(self.ctx.learner.parameters()).dtype          # the model's dtype (float32 here)
+        self.fea_bank = self.track("fea_bank", F.normalize(out["features"], dim=1).to(dtype).contiguous())
+        self.score_bank = self.track("score_bank", F.softmax(out["logits"], 1).to(dtype).contiguous())
         self.index = BankIndex(self.fea_bank, self.ctx.train.neighbour_index, seed=self.ctx.train.seed)
 
     @torch.no_grad()
     def write_bank(self, idx: torch.Tensor, feats: torch.Tensor, probs: torch.Tensor) -> None:
         """Rows ``idx`` take the (L2-normalised) features and probabilities: every rank's batch rows."""
         idx = all_gather_cat(idx)
-        self.fea_bank[idx] = F.normalize(all_gather_cat(feats.detach().float()), dim=1)
-        self.score_bank[idx] = all_gather_cat(probs.detach().float())
+        self.fea_bank[idx] = F.normalize(all_gather_cat(feats.detach().float()), dim=1).to(self.fea_bank.dtype)
+        self.score_bank[idx] = all_gather_cat(probs.detach().float()).to(self.score_bank.dtype)
         self.index.mark(idx)
 
     def load_state_dict(self, state: dict) -> None:
