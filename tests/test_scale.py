@@ -144,3 +144,35 @@ def test_scale_suite_errors(tmp_path):
         path.write_text(yaml.safe_dump({**SCALE_SUITE, **bad}))
         with pytest.raises(ConfigError, match=msg):
             load_suite(str(path))
+
+
+def test_resume_with_an_approximate_index_ends_with_the_same_weights(tmp_path, monkeypatch):
+    from dfkt.data import get_domain
+    from dfkt.models import build_model
+    from dfkt.sfda.nrc import NRC
+
+    torch.manual_seed(0)
+    model = build_model("shot-lenet", num_classes=10)
+    target = get_domain("digits", split="test")
+    kw = dict(method="nrc", epochs=2, K=3, KK=2, neighbour_index="ivf", device="cpu", progress=False,
+              on_collapse="warn")
+    full = dfkt.adapt(model, target, **kw)
+
+    class Killed(Exception):
+        pass
+
+    orig = NRC.epoch_begin
+
+    def die(self, epoch):
+        if epoch == 1:
+            raise Killed
+        return orig(self, epoch)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(NRC, "epoch_begin", die)
+        with pytest.raises(Killed):
+            dfkt.adapt(model, target, checkpoint_dir=str(tmp_path), **kw)
+    res = dfkt.adapt(model, target, checkpoint_dir=str(tmp_path), resume=True, **kw)
+    assert res.history.resumed_from_epoch == 1
+    for (k, v), w in zip(full.model.state_dict().items(), res.model.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-5), k

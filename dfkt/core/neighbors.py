@@ -207,9 +207,9 @@ class BankIndex:
     Rows change: callers call ``mark(idx)`` after writing rows ``idx``; before the next search those rows
     are added to the index again with their new values (the old entries stay as stale copies: they can
     only propose a row as a candidate, and every candidate is scored with its current value, duplicates
-    dropped). Once as many rows have been re-added as the bank has (about one epoch of writes), the index
-    is rebuilt from the current bank (quantiser retrained: the features have moved). ``reset()`` (the
-    whole bank was replaced, e.g. on resume) rebuilds it at the next search.
+    dropped). ``reset()`` rebuilds it from the current bank at the next search (quantiser retrained:
+    the features have moved): the bank methods call it at every epoch and after a resume; without it, the
+    index is rebuilt once as many rows have been re-added as the bank has (about one epoch of writes).
     """
 
     def __init__(self, bank: torch.Tensor, mode: str = "auto", nprobe: int = 8, candidates: int = 64,

@@ -41,6 +41,12 @@ class BankMethod(SFDAMethod):
         self.score_bank[idx] = all_gather_cat(probs.detach().float()).to(self.score_bank.dtype)
         self.index.mark(idx)
 
+    def epoch_begin(self, epoch: int) -> None:
+        """An approximate index is rebuilt from the bank at every epoch (the features have moved); the
+        same happens after a resume, so a resumed run searches the same index as an uninterrupted one."""
+        super().epoch_begin(epoch)
+        self.index.reset()
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.index.reset()                        # resumed banks: the index is rebuilt from them
