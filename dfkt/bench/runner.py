@@ -197,7 +197,8 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                       "torch_threads": threads})   # timings depend on it
         records.extend(recs)
         score = (f"acc {recs[0]['acc']} (ref {recs[0]['ref_acc']})" if "acc" in recs[0] else
-                 recs[0]["summary"] if "summary" in recs[0] else f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
+                 recs[0]["summary"] if "summary" in recs[0] else      # a scale run
+                 f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))

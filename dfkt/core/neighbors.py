@@ -238,7 +238,7 @@ class BankIndex:
     def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inner products, bank row indices) of the ``k`` best rows per query row, on the query's device."""
         if not self.approximate:
-            return knn(query, self.bank, k, metric="ip", backend="torch")
+            return knn(query.to(self.bank.dtype), self.bank, k, metric="ip", backend="torch")
         if k > self.bank.shape[0]:
             raise ConfigError(f"k={k} neighbours asked from a bank of {self.bank.shape[0]} rows; use a smaller k.")
         faiss = _faiss(self.kind)
