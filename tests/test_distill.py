@@ -146,7 +146,7 @@ def test_losses_decrease(teachers, digits):
     torch.manual_seed(0)
     student0 = build_model("lenet5-half")
     res = dfkt.distill(teachers["lenet5"], student0, method="dfad", input_shape=(1, 32, 32),
-                       epochs=3, iters_per_epoch=10, batch_size=32, kd_steps=3, progress=False)
+                       epochs=3, iters_per_epoch=20, batch_size=32, kd_steps=3, progress=False)
     x = res.synthesize(256)
     with torch.no_grad():
         t_logits = teachers["lenet5"].eval()(x)
