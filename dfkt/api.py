@@ -291,13 +291,15 @@ def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | 
     ctx.share_pass(src)     # the learner starts as this model: its first pseudo-labels / banks read this pass
     source_metrics = (_scores(src) if scored is view else evaluate(ctx.teacher, scored, device, label_free=True))
     # the reference: the source model with its BatchNorm statistics re-estimated on the target (AdaBN),
-    # the unadapted model's best guess about the target; methods may anchor to it, the guard compares with it
-    ref_model = reestimate_bn(copy.deepcopy(ctx.teacher), view, device)
-    ref_logits = src["logits"] if ref_model is None else predict(ref_model, view, device)["logits"]
-    del ref_model
-    ctx.reference = Reference(ref_logits, source_logits=src["logits"])
-    # a method that trains nothing (source-only, AdaBN: the reference itself) has nothing to guard
-    guard = CollapseGuard(ctx.reference, GuardPolicy(), tc.on_collapse) if cls.trains else None
+    # the unadapted model's best guess about the target; methods may anchor to it, the guard compares with
+    # it. A method that trains nothing (source-only, AdaBN: the reference itself) needs neither.
+    guard = None
+    if cls.trains:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ctx.teacher.modules())
+        ref_logits = (predict(reestimate_bn(copy.deepcopy(ctx.teacher), view, device), view, device)["logits"]
+                      if has_bn else src["logits"])       # without BN the reference is the source pass
+        ctx.reference = Reference(ref_logits, source_logits=src["logits"])
+        guard = CollapseGuard(ctx.reference, GuardPolicy(), tc.on_collapse)
     del src
 
     def eval_fn(m: nn.Module) -> dict:
