@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from dfkt.cli import main
+from helpers.harness import run_suite
 
 SFDA_SUITE = {
     "suite": "tiny-sfda", "task": "sfda", "seeds": 1,
@@ -31,11 +32,7 @@ REQUIRED = {"sfda": {"task", "method", "source", "target", "seed", "acc", "ref_a
 
 @pytest.mark.parametrize("suite", [SFDA_SUITE, DFKD_SUITE], ids=["sfda", "dfkd"])
 def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
-    path = tmp_path / "suite.yaml"
-    path.write_text(yaml.safe_dump(suite, allow_unicode=True))
-    out = tmp_path / "out"
-    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q"]) == 0
-    doc = json.loads((out / "results.json").read_text())
+    doc, out = run_suite(tmp_path, suite)
     assert doc["suite"] == suite["suite"] and {"torch", "device", "python"} <= set(doc["env"])
     assert len(doc["records"]) == len(suite["methods"])
     for r in doc["records"]:
@@ -61,8 +58,8 @@ def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
     assert text.count(f"<!-- suite:{suite['suite']} -->") == 1 and "| method |" in text
     assert (tmp_path / "results" / suite["suite"] / "results.json").exists()
     # --resume skips the runs already recorded
-    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q", "--resume"]) == 0
-    assert len(json.loads((out / "results.json").read_text())["records"]) == len(suite["methods"])
+    again, _ = run_suite(tmp_path, suite, "--resume", out=out)
+    assert len(again["records"]) == len(suite["methods"])
 
 
 def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):

@@ -1,6 +1,5 @@
 """Feature banks of any size: the neighbour index rule, approximate vs exact search, index refresh as
 bank rows change, train.neighbour_index reaching the methods, and the `dfkt bench` scale task."""
-import json
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from dfkt.core import neighbors
 from dfkt.core.neighbors import EXACT_MAX_ROWS, BankIndex, choose_index, knn
 from dfkt.errors import ConfigError
 from dfkt.sfda.common import batch_knn
+from helpers.harness import assert_same_weights, kill_and_resume, publish_section, run_suite
 
 pytest.importorskip("faiss")
 CPU = torch.device("cpu")
@@ -112,14 +112,7 @@ SCALE_SUITE = {
 
 
 def test_bench_scale_suite_records_report_and_publish(tmp_path):
-    from dfkt.bench.report import publish
-    from dfkt.cli import main
-
-    path = tmp_path / "suite.yaml"
-    path.write_text(yaml.safe_dump(SCALE_SUITE))
-    out = tmp_path / "out"
-    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q"]) == 0
-    doc = json.loads((out / "results.json").read_text())
+    doc, out = run_suite(tmp_path, SCALE_SUITE)
     recs = doc["records"]
     assert len(recs) == 2 * 3
     by = {(r["rows"], r["method"]): r for r in recs}
@@ -129,9 +122,7 @@ def test_bench_scale_suite_records_report_and_publish(tmp_path):
         assert r["recall"] == 1.0 if r["index"] == "exact" else r["recall"] >= 0.9
     report = (out / "report.md").read_text()
     assert "| ivf-wide | 6,000 | ivf |" in report and "## Floors" in report and "recall@K" in report
-    md = tmp_path / "RESULTS.md"
-    publish(doc, out, md)
-    assert "<!-- suite:tiny-scale -->" in md.read_text()
+    publish_section(tmp_path, doc, out)
 
 
 def test_scale_suite_errors(tmp_path):
@@ -156,23 +147,5 @@ def test_resume_with_an_approximate_index_ends_with_the_same_weights(tmp_path, m
     target = get_domain("digits", split="test")
     kw = dict(method="nrc", epochs=2, K=3, KK=2, neighbour_index="ivf", device="cpu", progress=False,
               on_collapse="warn")
-    full = dfkt.adapt(model, target, **kw)
-
-    class Killed(Exception):
-        pass
-
-    orig = NRC.epoch_begin
-
-    def die(self, epoch):
-        if epoch == 1:
-            raise Killed
-        return orig(self, epoch)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(NRC, "epoch_begin", die)
-        with pytest.raises(Killed):
-            dfkt.adapt(model, target, checkpoint_dir=str(tmp_path), **kw)
-    res = dfkt.adapt(model, target, checkpoint_dir=str(tmp_path), resume=True, **kw)
-    assert res.history.resumed_from_epoch == 1
-    for (k, v), w in zip(full.model.state_dict().items(), res.model.state_dict().values()):
-        assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+    full, res = kill_and_resume(lambda **more: dfkt.adapt(model, target, **kw, **more), NRC, tmp_path, monkeypatch)
+    assert_same_weights(full.model, res.model)

@@ -21,6 +21,7 @@ from dfkt.errors import ConfigError, DataError, ModelError
 from dfkt.models import build_model
 from dfkt.sfda import clustering_pseudo_labels, propagate_labels, select_epoch
 from dfkt.sfda.common import batch_knn, strong_augment
+from helpers.harness import assert_same_weights, kill_and_resume
 
 CPU = {"device": "cpu", "progress": False}
 SHIFT = {"corruption": "contrast", "severity": 3}   # source-only ~79 %
@@ -234,27 +235,10 @@ def test_resume_restores_method_state(method, kw, source_model, target, tmp_path
 
     cls = get_method(method)
     kw = dict(method=method, epochs=2, **kw, **CPU)
-    full = dfkt.adapt(source_model, target, **kw)
-
-    class Killed(Exception):
-        pass
-
-    orig = cls.epoch_begin
-
-    def die(self, epoch):
-        if epoch == 1:
-            raise Killed
-        return orig(self, epoch)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(cls, "epoch_begin", die)
-        with pytest.raises(Killed):
-            dfkt.adapt(source_model, target, checkpoint_dir=str(tmp_path), **kw)
-    res = dfkt.adapt(source_model, target, checkpoint_dir=str(tmp_path), resume=True, **kw)
-    assert res.history.resumed_from_epoch == 1 and len(res.history.records) == 2
-    after = _state(res.model)
-    for k, v in _state(full.model).items():
-        assert torch.allclose(v.float(), after[k].float(), atol=1e-5), k
+    full, res = kill_and_resume(lambda **more: dfkt.adapt(source_model, target, **kw, **more), cls, tmp_path,
+                                monkeypatch)
+    assert len(res.history.records) == 2
+    assert_same_weights(full.model, res.model)
 
 
 # ----------------------------------------------------------------------------- selection

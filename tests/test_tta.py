@@ -14,6 +14,7 @@ from dfkt.errors import ConfigError, DataError, ModelError
 from dfkt.models import build_model
 from dfkt.online import Stream
 from dfkt.registry import get_method, list_methods
+from helpers.harness import publish_section, run_suite
 
 METHODS = ["source", "bn", "tent", "eata", "sar", "cotta", "rotta", "roid", "deyo"]
 # small-stream settings: RoTTA updates every 16 samples, CoTTA averages 4 views, SAR never resets
@@ -305,14 +306,7 @@ TTA_SUITE = {
 
 
 def test_bench_tta_suite_records_report_and_publish(tmp_path):
-    from dfkt.bench.report import publish
-    from dfkt.cli import main
-
-    path = tmp_path / "suite.yaml"
-    path.write_text(yaml.safe_dump(TTA_SUITE))
-    out = tmp_path / "out"
-    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q"]) == 0
-    doc = json.loads((out / "results.json").read_text())
+    doc, out = run_suite(tmp_path, TTA_SUITE)
     recs = doc["records"]
     assert len(recs) == 2 * 4 * 2          # tasks x methods x corruptions
     for r in recs:
@@ -327,12 +321,10 @@ def test_bench_tta_suite_records_report_and_publish(tmp_path):
     assert "## uci-c/continual (continual)" in report and "| tent+sgd |" in report and "## Floors" in report
     assert "contr" in report and "samples/s" in report
     assert (out / "tta_error.png").exists()
-    md = tmp_path / "RESULTS.md"
-    publish(doc, out, md)
-    assert "<!-- suite:tiny-tta -->" in md.read_text() and (tmp_path / "results" / "tiny-tta" / "results.json").exists()
+    publish_section(tmp_path, doc, out)
     # --resume keeps the runs (one record per corruption) and adds none
-    assert main(["bench", str(path), "--out", str(out), "--no-progress", "-q", "--resume"]) == 0
-    assert len(json.loads((out / "results.json").read_text())["records"]) == len(recs)
+    again, _ = run_suite(tmp_path, TTA_SUITE, "--resume", out=out)
+    assert len(again["records"]) == len(recs)
 
 
 def test_tta_suite_needs_a_stream(tmp_path):
