@@ -8,19 +8,33 @@ Two branches on one core of "data reconstruction + knowledge transfer":
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
-# Load the method packages first: `dfkt.distill` must end up naming the function, not the subpackage.
-from . import distill as _distill_methods  # noqa: F401  (registers the DFKD methods)
-from . import online as _online_methods  # noqa: F401  (registers the online TTA methods)
-from . import sfda as _sfda_methods  # noqa: F401  (registers the SFDA methods)
-from .api import Result, adapt, distill, load, train_supervised
+from . import registry
+from .api import Result, adapt, load, train_supervised
 from .core.context import TrainConfig
 from .deploy import export
 from .errors import CheckpointError, ConfigError, DataError, DfktError, ModelError, NonFiniteError
-from .online.api import TTAResult, tta
-from .online.stream import Stream
 from .registry import list_methods, method_table, register
+
+# The method packages register their methods when imported; the registry imports them at its first lookup
+# (so `import dfkt.registry` imports no method module). `dfkt.distill` is the DFKD package itself, callable
+# as the API function (see dfkt/distill/__init__.py): the name is bound once, by the import system.
+registry.provide("dfkt.distill", "dfkt.sfda", "dfkt.online")
+_LAZY = {"tta": "dfkt.online.api", "TTAResult": "dfkt.online.api", "Stream": "dfkt.online.stream"}
+
+
+def __getattr__(name: str):
+    """``dfkt.distill`` (the package, callable) and the online TTA names, imported on first use."""
+    if name == "distill":
+        return importlib.import_module("dfkt.distill")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dfkt' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["adapt", "distill", "tta", "load", "export", "list_methods", "method_table", "register", "train_supervised", "Result", "TrainConfig",

@@ -1,9 +1,11 @@
 """The one method registry shared by all tasks (``@register("shot", task="sfda", family="self-training")``).
 
 A name is unique within its task: ``tent`` is both an SFDA method (offline) and an online TTA method.
-This module is a leaf: it imports no method package and not the API. The method packages register by
-being imported (``dfkt/__init__.py`` imports them), so importing ``dfkt.registry`` (which imports the
-``dfkt`` package first) always sees every built-in method.
+This module is a leaf: it imports no method package and not the API, and importing it imports no method
+module (``python -c "import dfkt.registry"``). The method packages register by being imported: ``dfkt/__init__.py``
+names them with :func:`provide`, and the first lookup (:func:`get_method`, :func:`list_methods`,
+:func:`method_table`, :func:`methods`) imports the named packages, whose modules then call :func:`register`.
+So every lookup sees every built-in method, and nothing is imported that no lookup needs.
 
 Every method belongs to one **family**, the survey taxonomy of what the method reconstructs and how;
 ``dfkt list``, :func:`method_table` and the README's methods table group by it. The rule per family:
@@ -34,6 +36,7 @@ An unknown or missing family is an error at registration.
 """
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Callable, TypeVar
 
@@ -62,7 +65,36 @@ FAMILY_DESCRIPTIONS: dict[str, str] = {
     "compress": "source model + unlabeled target data -> small adapted student",
     BASELINE: "no adaptation: the reference row",
 }
-_METHODS: dict[tuple[str, str], type] = {}     # (task, name) -> class
+_METHODS: dict[tuple[str, str], type] = {}     # (task, name) -> class (or configured method object)
+_PROVIDERS: list[str] = []                     # packages whose import registers methods (see provide)
+_LOADED: set[str] = set()
+
+
+def provide(*packages: str) -> None:
+    """Name packages (dotted module names) that register methods when imported; they are imported at the
+    first lookup, not here (``dfkt/__init__.py`` names dfkt's own method packages)."""
+    for p in packages:
+        if p not in _PROVIDERS:
+            _PROVIDERS.append(p)
+
+
+def _load() -> None:
+    """Import the provided packages not imported yet (each once; re-entrant lookups during an import see
+    what is registered so far)."""
+    for p in list(_PROVIDERS):
+        if p not in _LOADED:
+            _LOADED.add(p)
+            try:
+                importlib.import_module(p)
+            except BaseException:
+                _LOADED.discard(p)
+                raise
+
+
+def methods() -> dict[tuple[str, str], type]:
+    """Every registered method: ``(task, name) -> method class`` (the provided packages loaded first)."""
+    _load()
+    return _METHODS
 
 
 def families(task: str | None = None) -> list[str]:
@@ -99,6 +131,7 @@ def register(name: str, task: str, family: str | None = None) -> Callable[[T], T
 def get_method(name: str, task: str | None = None) -> type:
     """The method class registered as ``name`` (for ``task``); unknown names raise ConfigError with close
     matches, a name registered for several tasks needs ``task``."""
+    _load()
     found = [c for (t, n), c in _METHODS.items() if n == name and task in (None, t)]
     if len(found) == 1:
         return found[0]
@@ -115,6 +148,7 @@ def get_method(name: str, task: str | None = None) -> type:
 
 def list_methods(task: str | None = None, family: str | None = None) -> list[str]:
     """Registered method names, optionally for one task and/or one family."""
+    _load()
     return sorted({n for (t, n), c in _METHODS.items() if task in (None, t) and family in (None, c.family)})
 
 
@@ -127,6 +161,7 @@ def method_table(task: str | None = None) -> list[dict]:
     ``description`` (the docstring's first line without its title), ``paper`` (from the docstring's
     "Title (Authors, Venue Year): ..." form; empty for dfkt's own baselines), ``summary`` (the whole first
     line) and ``file`` (the module's path in the package)."""
+    _load()
     order = {(t, f): i for i, (t, f) in enumerate((t, f) for t in TASKS for f in families(t))}
     rows = []
     for (t, n), cls in _METHODS.items():

@@ -22,21 +22,21 @@ def _contiguous(keys: list) -> bool:
 
 
 def test_every_registered_method_has_a_family_of_its_task():
-    assert registry._METHODS, "no method registered"
-    for (task, name), cls in registry._METHODS.items():
+    assert registry.methods(), "no method registered"
+    for (task, name), cls in registry.methods().items():
         assert cls.family in registry.families(task), f"{task} method {name!r} has family {cls.family!r}"
     # the classification the registry's docstring states
     expected = {("sfda", "shot"): "self-training", ("sfda", "tent"): "self-training", ("sfda", "adabn"): "self-training",
                 ("sfda", "source-only"): "baseline", ("tta", "tent"): "online", ("tta", "source"): "baseline",
                 ("dfkd", "dafl"): "generator", ("dfkd", "fast"): "generator", ("dfkd", "cmi"): "inversion",
                 ("dfkd", "deepinversion"): "inversion", ("dfkd", "lopes"): "metadata"}
-    assert {k: registry._METHODS[k].family for k in expected} == expected
+    assert {k: registry.methods()[k].family for k in expected} == expected
     assert dfkt.list_methods("dfkd", family="inversion") == ["cmi", "deepinversion"]
     assert "tent" in dfkt.list_methods(family="online") and "shot" not in dfkt.list_methods(family="online")
 
 
 def test_unknown_missing_or_foreign_family_is_an_error_at_registration():
-    before = dict(registry._METHODS)
+    before = dict(registry.methods())
     with pytest.raises(ConfigError, match=r"family 'self-trainng'.*self-training, reconstruction, baseline"
                                           r".*Did you mean 'self-training'"):
         registry.register("x", task="sfda", family="self-trainng")
@@ -46,11 +46,11 @@ def test_unknown_missing_or_foreign_family_is_an_error_at_registration():
         registry.register("x", task="dfkd", family="online")       # a TTA family is no DFKD family
     with pytest.raises(ConfigError, match="task must be one of sfda, dfkd, tta, compress"):
         registry.register("x", task="sfdaa", family="self-training")
-    assert registry._METHODS == before
+    assert registry.methods() == before
 
 
 def test_register_records_the_family(monkeypatch):
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_METHODS", dict(registry.methods()))
 
     @registry.register("my-compress", task="compress", family="compress")
     class Mine:
@@ -65,8 +65,8 @@ def test_register_records_the_family(monkeypatch):
 
 def test_method_table_rows():
     rows = dfkt.method_table()
-    assert len(rows) == len(registry._METHODS)
-    assert {(r["task"], r["name"]) for r in rows} == set(registry._METHODS)
+    assert len(rows) == len(registry.methods())
+    assert {(r["task"], r["name"]) for r in rows} == set(registry.methods())
     # grouped: tasks in registry order, families contiguous within a task and in the registry's order
     assert [t for t in registry.TASKS if any(r["task"] == t for r in rows)] == list(dict.fromkeys(r["task"] for r in rows))
     assert _contiguous([(r["task"], r["family"]) for r in rows])
@@ -97,11 +97,11 @@ def test_dfkt_list_groups_methods_by_family(capsys):
             seen.append(header)
             continue
         name = line.split()[0]
-        assert registry._METHODS[(header[0], name)].family == header[1], line
+        assert registry.methods()[(header[0], name)].family == header[1], line
         seen.append((header, name))
     groups = [s for s in seen if isinstance(s[0], str)]
-    assert len(groups) == len(set(groups)) == len({(c.task, c.family) for c in registry._METHODS.values()})
-    assert len(seen) - len(groups) == len(registry._METHODS)
+    assert len(groups) == len(set(groups)) == len({(c.task, c.family) for c in registry.methods().values()})
+    assert len(seen) - len(groups) == len(registry.methods())
 
     assert main(["list", "--task", "dfkd"]) == 0
     out = capsys.readouterr().out
@@ -121,6 +121,32 @@ def test_readme_methods_tables_are_grouped_by_family():
             family = m[1]
         elif m := re.match(r"\| `([^`]+)` \|", line):
             found[(task, m[1])] = family
-    assert found == {k: c.family for k, c in registry._METHODS.items()}, \
+    assert found == {k: c.family for k, c in registry.methods().items()}, \
         "README methods tables are out of date: paste `python -m dfkt list --markdown` between the methods markers"
     assert "*reconstruction*" in methods_markdown()              # an empty family of a task shows as 'None yet'
+
+
+def test_registry_is_a_leaf_and_distill_is_both_function_and_package():
+    """`import dfkt.registry` imports no method module and not the API's method packages; the first lookup
+    loads them. `dfkt.distill` is the DFKD package and calls dfkt.api.distill (no re-binding)."""
+    import inspect
+    import subprocess
+    import sys
+
+    code = ("import sys, dfkt.registry as r\n"
+            "pk = ('dfkt.distill', 'dfkt.sfda', 'dfkt.online')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(pk)))\n"
+            "r.get_method('dafl')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(pk))[:1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert out[0] == "[]", f"import dfkt.registry imported method modules: {out[0]}"
+    assert out[1] == "['dfkt.distill']"
+    src = (Path(__file__).resolve().parents[1] / "dfkt" / "registry.py").read_text()
+    assert not re.search(r"^\s*(from|import)\s+(\.|dfkt\.)(distill|sfda|online|api|compress)\b", src, re.M)
+    import dfkt.api
+    import dfkt.distill.dafl
+    assert inspect.ismodule(dfkt.distill) and dfkt.distill.dafl.__name__ == "dfkt.distill.dafl"
+    assert inspect.signature(dfkt.distill) == inspect.signature(dfkt.api.distill)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        dfkt.distill(None, None, method="nope", input_shape=(1, 8, 8))

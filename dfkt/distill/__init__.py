@@ -5,8 +5,15 @@ Methods: dafl, dfad, rdskd, zskt (generators, any teacher); deepinversion, dfq, 
 real data, see :func:`dfkt.distill.lopes.record_metadata`). Every method takes the shared options
 of :class:`DistillOptions` (KD temperature, student steps, data pool, feature losses) and offers
 ``synthesize(n)`` for image grids after training.
+
+The package is also the API function: ``dfkt.distill(teacher, student, method=..., input_shape=...)``
+calls :func:`dfkt.api.distill` (its signature and documentation are those of that function). So the
+function and the package coexist under one name without re-binding it.
 """
 from __future__ import annotations
+
+import sys
+import types
 
 from . import cmi, dafl, deepinversion, dfad, dfq, fast, lopes, rdskd, zskt  # noqa: F401
 from .common import DistillMethod, DistillOptions, GeneratorMethod, GeneratorOptions
@@ -16,3 +23,19 @@ from .pool import DataPool
 
 __all__ = ["DistillMethod", "DistillOptions", "GeneratorMethod", "GeneratorOptions", "Generator", "DataPool",
            "record_metadata"]
+
+
+class _CallablePackage(types.ModuleType):
+    """This package's type: calling it runs :func:`dfkt.api.distill`."""
+
+    def __call__(self, *args, **kwargs):
+        from ..api import distill
+        return distill(*args, **kwargs)
+
+    @property
+    def __wrapped__(self):   # inspect.signature(dfkt.distill) shows the function's
+        from ..api import distill
+        return distill
+
+
+sys.modules[__name__].__class__ = _CallablePackage
