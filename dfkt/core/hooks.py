@@ -1,6 +1,11 @@
 """Context managers that record features and BatchNorm input statistics by module name.
 
 They attach forward hooks on entry and remove them on exit: the model itself is never modified.
+:class:`FeatureRecorder` is the one feature recorder: module outputs (or inputs) by name, and
+``'penultimate'``, the input of the classifier head (the head as :func:`dfkt.models.split.find_head` finds
+it), for DFKD and SFDA alike (:func:`forward_with_features`). :class:`BNStatsRecorder` is the one
+BatchNorm-statistics hook: it owns the statistics of the synthetic batches (with an optional momentum
+over batches) and the BN-statistics loss.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch import nn
 from ..errors import ModelError, suggest
 from .distributed import all_reduce_sum, world_size
 
+PENULTIMATE = "penultimate"     # feature name: the input of the model's classifier head
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -69,25 +75,38 @@ class frozen_bn_stats:
 class FeatureRecorder:
     """Record the outputs (or inputs) of named modules during forward passes.
 
-    >>> with FeatureRecorder(model, ["features.3"]) as rec:
+    ``'penultimate'`` among ``names`` records the input of the model's classifier head (its penultimate
+    features), whatever ``inputs`` says. ``modules`` records given module objects under given names instead
+    (e.g. a head reached through a wrapper).
+
+    >>> with FeatureRecorder(model, ["features.3", "penultimate"]) as rec:
     ...     model(x)
-    >>> rec["features.3"]
+    >>> rec["features.3"], rec["penultimate"]
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str], detach: bool = False, inputs: bool = False):
-        self.modules = named_modules(model, list(names))
-        self.detach, self.inputs = detach, inputs
+    def __init__(self, model: nn.Module | None, names: Iterable[str] = (), detach: bool = False, inputs: bool = False,
+                 modules: dict[str, nn.Module] | None = None):
+        names = list(names)
+        plain = [n for n in names if n != PENULTIMATE]
+        self.modules: dict[str, tuple[nn.Module, bool]] = {
+            n: (m, inputs) for n, m in (named_modules(model, plain).items() if plain else ())}
+        if PENULTIMATE in names:
+            from ..models.split import find_head   # the head rule of the whole package
+            self.modules[PENULTIMATE] = (model.get_submodule(find_head(model)), True)
+        for n, m in (modules or {}).items():
+            self.modules[n] = (m, inputs)
+        self.detach = detach
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, take_input: bool):
         def fn(module, inp, out):
-            t = inp[0] if self.inputs else out
+            t = inp[0] if take_input else out
             self.features[name] = t.detach() if self.detach else t
         return fn
 
     def __enter__(self) -> "FeatureRecorder":
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self._handles = [m.register_forward_hook(self._hook(n, i)) for n, (m, i) in self.modules.items()]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,17 +123,31 @@ class FeatureRecorder:
         self.features.clear()
 
 
+def forward_with_features(net: nn.Module, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``net(x)`` and the input of ``head`` in the same forward pass (works through DDP wrappers)."""
+    with FeatureRecorder(None, modules={"features": head}, inputs=True) as rec:
+        logits = net(x)
+    return logits, rec["features"]
+
+
 class BNStatsRecorder:
     """Record, for every BatchNorm layer, the per-channel mean and (biased) variance of its input.
 
     ``loss()`` gives DeepInversion's feature-distribution regulariser: the sum over layers of
-    ||mean - running_mean||_2 + ||var - running_var||_2. Under torchrun the statistics are those of
-    the global batch (sums are all-reduced, gradients flow).
+    ||mean - running_mean||_2 + ||var - running_var||_2 (the first layer weighted by ``first_layer_weight``).
+    With ``momentum > 0`` (Fast) the batch statistics are first blended with the statistics of the earlier
+    synthetic batches, ``momentum * earlier + (1 - momentum) * batch``; :meth:`commit` folds the last
+    batch's statistics into them (once per synthesized batch); they are state (``state_dict``) for resume.
+    Under torchrun the statistics are those of the global batch (sums are all-reduced, gradients flow).
     """
 
-    def __init__(self, model: nn.Module, method: str | None = None, names: Iterable[str] | None = None):
+    def __init__(self, model: nn.Module, method: str | None = None, names: Iterable[str] | None = None,
+                 momentum: float = 0.0):
         self.layers = batchnorm_layers(model, method) if names is None else named_modules(model, names)
+        self.momentum = float(momentum)
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # earlier synthetic batches
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
 
     def _hook(self, name: str):
@@ -140,12 +173,35 @@ class BNStatsRecorder:
             h.remove()
         self._handles = []
 
+    def _blend(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.momentum > 0 and name in self.running:
+            pm, pv = self.running[name]
+            k = self.momentum
+            return k * pm + (1 - k) * mean, k * pv + (1 - k) * var
+        return mean, var
+
     def loss(self, first_layer_weight: float = 1.0) -> torch.Tensor:
         if not self.stats:
             raise RuntimeError("no BatchNorm statistics recorded: run the model inside the recorder first")
         terms = []
         for i, (name, (mean, var)) in enumerate(self.stats.items()):
+            mean, var = self._blend(name, mean, var)
             m = self.layers[name]
             t = torch.norm(mean - m.running_mean, 2) + torch.norm(var - m.running_var, 2)
             terms.append(t * (first_layer_weight if i == 0 else 1.0))
+        if self.momentum > 0:
+            self.pending = {n: (m.detach(), v.detach()) for n, (m, v) in self.stats.items()}
         return torch.stack(terms).sum()
+
+    def commit(self) -> None:
+        """Fold the last recorded batch's statistics into the running synthetic statistics (momentum > 0)."""
+        for n, (m, v) in self.pending.items():
+            self.running[n] = self._blend(n, m, v)
+        self.pending = {}
+
+    def state_dict(self) -> dict:
+        return {n: (m.cpu(), v.cpu()) for n, (m, v) in self.running.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = next(iter(self.layers.values())).running_mean.device
+        self.running = {n: (m.to(dev), v.to(dev)) for n, (m, v) in state.items()}

@@ -160,3 +160,16 @@ def pseudo_label_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Te
         valid = valid * weight
     per = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
     return (per * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def weighted_terms(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``{name: (weight, value)}`` -> (the weighted sum, in the given order; ``{name: value}`` detached for logging).
+
+    One place where a method's named loss terms become its loss: a method states its terms and weights.
+    """
+    if not terms:
+        raise ValueError("weighted_terms needs at least one term")
+    loss = None
+    for w, v in terms.values():
+        loss = w * v if loss is None else loss + w * v
+    return loss, {k: v.detach() for k, (_, v) in terms.items()}

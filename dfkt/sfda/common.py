@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.evaluate import predict
-from ..core.hooks import BN_TYPES
+from ..core.hooks import BN_TYPES, forward_with_features  # noqa: F401  (re-exported for the SFDA methods)
 from ..core.method import Batch, Method, freeze, poly_decay
 from ..core.neighbors import BankIndex, knn
 from ..errors import ConfigError, DataError
@@ -149,18 +149,6 @@ def weak_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- base class
-def forward_with_features(net: nn.Module, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``net(x)`` and the input of ``head`` in the same forward pass (works through DDP wrappers)."""
-    box: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: box.append(args[0]))
-    try:
-        logits = net(x)
-    finally:
-        handle.remove()
-    return logits, box[-1]
-
-
-
 def set_bn_train_only(model: nn.Module) -> None:
     """Eval mode everywhere (no dropout), train mode for BatchNorm layers (batch statistics)."""
     model.eval()
