@@ -122,7 +122,7 @@ def test_ema_student_tracks_training_without_changing_it(teachers, digits):
 
 
 def test_mixup_mixes_pairs_reproducibly():
-    from dfkt.distill.common import mix_pairs
+    from dfkt.distill.student import mix_pairs
 
     x = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(16)])
     a = mix_pairs(x, 1.0, torch.Generator().manual_seed(5))
@@ -163,7 +163,7 @@ def test_deepinversion_bn_loss_decreases(teachers):
     opt = torch.optim.Adam([x], lr=0.1)
     first = None
     for _ in range(20):
-        loss, terms = m.objective(x, y)
+        _, loss, terms = m.synth.objective(m.synth.env, x, None, y)
         first = first if first is not None else float(terms["bn"])
         m.ctx.optimize(loss, opt, terms)
     assert float(terms["bn"]) < 0.7 * first
@@ -216,7 +216,7 @@ def test_generator_is_cheap_for_lenet():
 
 
 def test_resume_restores_pool_and_generator(teachers, tmp_path, monkeypatch):
-    from dfkt.distill.common import DistillMethod
+    from dfkt.distill.method import DFKDMethod
 
     kw = dict(method="dafl", input_shape=(1, 32, 32), pool_batches=3, kd_steps=2, batch_size=16, epochs=2,
               iters_per_epoch=3, progress=False, seed=1, checkpoint_dir=str(tmp_path))
@@ -228,7 +228,7 @@ def test_resume_restores_pool_and_generator(teachers, tmp_path, monkeypatch):
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(DistillMethod, "epoch_begin", crash)
+    monkeypatch.setattr(DFKDMethod, "epoch_begin", crash)
     with pytest.raises(KeyboardInterrupt):
         dfkt.distill(teachers["lenet5"], student, **kw)
     monkeypatch.undo()
@@ -246,7 +246,8 @@ def test_time_schedule_continues_after_resume(teachers, tmp_path, monkeypatch):
     import dfkt.core.context as context_mod
     import dfkt.core.loop as loop_mod
     from dfkt.core.checkpoint import read_checkpoint
-    from dfkt.distill.common import DistillMethod
+    from dfkt.distill.method import DFKDMethod
+    from dfkt.distill.student import StudentLearner
 
     ticks = {"t": 0.0}
 
@@ -260,7 +261,7 @@ def test_time_schedule_continues_after_resume(teachers, tmp_path, monkeypatch):
     kw = dict(method="dafl", input_shape=(1, 32, 32), batch_size=16, epochs=3, iters_per_epoch=2,
               progress=False, seed=1, checkpoint_dir=str(tmp_path), time_budget_s=1e6)
     seen: list[float] = []
-    real_progress = DistillMethod.progress
+    real_progress = StudentLearner.progress
 
     def spy(self):
         seen.append(self.ctx.elapsed_s())
@@ -270,13 +271,13 @@ def test_time_schedule_continues_after_resume(teachers, tmp_path, monkeypatch):
         if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(DistillMethod, "progress", spy)
-    monkeypatch.setattr(DistillMethod, "epoch_begin", crash)
+    monkeypatch.setattr(StudentLearner, "progress", spy)
+    monkeypatch.setattr(DFKDMethod, "epoch_begin", crash)
     with pytest.raises(KeyboardInterrupt):
         dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
     spent = read_checkpoint(tmp_path / "resume.pt")["train_time_s"]
     assert spent >= 4 and seen == sorted(seen)
-    monkeypatch.setattr(DistillMethod, "epoch_begin", lambda self, epoch: None)
+    monkeypatch.setattr(DFKDMethod, "epoch_begin", lambda self, epoch: None)
     seen.clear()
     dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), resume=True, **kw)
     assert seen[0] > spent, f"the resumed schedule restarted its clock ({seen[0]} s <= {spent} s already spent)"

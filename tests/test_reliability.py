@@ -391,7 +391,7 @@ def test_injected_nan_in_a_real_run_stops_with_nothing_written(tmp_path, monkeyp
 def test_isolated_nan_steps_are_skipped_and_the_run_finishes(tmp_path, monkeypatch, teacher_model) -> None:
     """DAFL's KD loss NaN on two isolated steps: skipped, counted in the history, run completes."""
     require_method(DFKD_METHOD)
-    common = importlib.import_module("dfkt.distill.common")
+    common = importlib.import_module("dfkt.distill.student")
 
     real, calls = common.kd_kl, {"n": 0}
 

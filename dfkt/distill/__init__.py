@@ -1,5 +1,10 @@
 """Data-free knowledge distillation (DFKD): one module per method; importing registers them.
 
+A method is composed, not inherited: a synthesizer (:mod:`.synthesis`: :class:`GeneratorSynthesizer`,
+:class:`LatentSynthesizer`, :class:`PixelSynthesizer`, each driven by the method's objective) + the one
+:class:`StudentLearner` (KD / L1 / feature losses, replay pool, augmentation, EMA) + the method's loss
+weights and defaults, in one configured :class:`DFKDMethod` (see :mod:`.method`).
+
 Methods: dafl, dfad, rdskd, zskt (generators, any teacher); deepinversion, dfq, cmi, fast
 (BatchNorm-statistics synthesis, teachers with BN); lopes (activation metadata recorded once on
 real data, see :func:`dfkt.distill.lopes.record_metadata`). Every method takes the shared options
@@ -16,12 +21,17 @@ import sys
 import types
 
 from . import cmi, dafl, deepinversion, dfad, dfq, fast, lopes, rdskd, zskt  # noqa: F401
-from .common import DistillMethod, DistillOptions, GeneratorMethod, GeneratorOptions
+from .generative import GeneratorOptions, GeneratorSynthesizer, LatentSynthesizer
 from .generators import Generator
 from .lopes import record_metadata
+from .method import DFKD, DFKDMethod
+from .pixels import PixelSynthesizer
 from .pool import DataPool
+from .student import DistillOptions, StudentLearner
+from .synthesis import SynthEnv, Synthesizer
 
-__all__ = ["DistillMethod", "DistillOptions", "GeneratorMethod", "GeneratorOptions", "Generator", "DataPool",
+__all__ = ["DFKD", "DFKDMethod", "DistillOptions", "GeneratorOptions", "StudentLearner", "Synthesizer", "SynthEnv",
+           "GeneratorSynthesizer", "LatentSynthesizer", "PixelSynthesizer", "Generator", "DataPool",
            "record_metadata"]
 
 

@@ -17,9 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.hooks import FeatureRecorder
+from ..core.buffers import RingBuffer
+from ..core.hooks import PENULTIMATE, FeatureRecorder
 from ..registry import register
-from .common import BNObjective, BNSynthOptions, GeneratorMethod, balanced_labels, last_linear
+from .generative import LatentSynthesizer
+from .method import DFKD
+from .objectives import BNObjective, BNSynthOptions
+from .synthesis import SynthEnv, Tracked
 
 
 @dataclass
@@ -47,75 +51,52 @@ def random_crop_resize(x: torch.Tensor, scale: float, g: torch.Generator | None)
     return F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False)
 
 
-@register("cmi", task="dfkd", family="inversion")
-class CMI(GeneratorMethod):
-    """CMI (Fang et al., IJCAI 2021): contrastive model inversion (BN statistics + instance discrimination)."""
+class ContrastiveObjective(Tracked):
+    """:class:`BNObjective` + ``cr`` x InfoNCE between the teacher's penultimate features of each sample and
+    of a random crop of it (through a learned projection head), against the batch and a memory bank of
+    earlier syntheses' features (the core's ring buffer)."""
 
-    Options = CMIOptions
-    needs_teacher_bn = True
-    defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
-
-    def build(self) -> None:
-        super().build()
-        o = self.opts
-        self.objective = self.track("bn_objective", BNObjective(self.teacher, self.ctx.learner, o, self.name))
-        self.feat_name = last_linear(self.teacher)
-        with torch.no_grad(), FeatureRecorder(self.teacher, [self.feat_name], inputs=True) as rec:
-            self.teacher(torch.zeros((2, *self.ctx.input_shape), device=self.device))
-        dim = rec[self.feat_name].flatten(1).shape[1]
+    def setup(self, env: SynthEnv) -> None:
+        o = env.opts
+        self.bn = self.track("bn", BNObjective())
+        self.bn.setup(env)
+        with torch.no_grad(), FeatureRecorder(env.teacher, [PENULTIMATE]) as rec:
+            env.teacher(torch.zeros((2, *env.ctx.input_shape), device=env.device))
+        dim = rec[PENULTIMATE].flatten(1).shape[1]
         self.head = self.track("head", nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True),
-                                                     nn.Linear(dim, o.proj_dim)).to(self.device))
+                                                     nn.Linear(dim, o.proj_dim)).to(env.device))
         self.head_opt = self.track("head_opt", torch.optim.Adam(self.head.parameters(), lr=o.g_lr, betas=(0.5, 0.999)))
-        self.bank = self.track("bank", torch.zeros(o.bank_size, dim, device=self.device))
-        self.state.update(bank_n=0, bank_head=0)
+        self.bank = self.track("bank", RingBuffer(o.bank_size, {"f": (dim,)}, env.device))
 
-    def contrastive(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        o = self.opts
-        local = random_crop_resize(x, o.crop_scale, self.ctx.rng)
-        with FeatureRecorder(self.teacher, [self.feat_name], inputs=True) as rec:
-            self.teacher(local)
-        f_local = rec[self.feat_name].flatten(1)
-        f_global = self.global_feat
+    def __call__(self, env: SynthEnv, x: torch.Tensor, z, y):
+        o = env.opts
+        with FeatureRecorder(env.teacher, [PENULTIMATE]) as rec:
+            t_logits, loss, terms = self.bn(env, x, z, y)
+        f_global = rec[PENULTIMATE].flatten(1)
+        local = random_crop_resize(x, o.crop_scale, env.rng)
+        with FeatureRecorder(env.teacher, [PENULTIMATE]) as rec:
+            env.teacher(local)
         q = F.normalize(self.head(f_global), dim=1)
-        k = F.normalize(self.head(f_local), dim=1)
-        keys = k
-        if self.state["bank_n"]:
-            keys = torch.cat([k, F.normalize(self.head(self.bank[:self.state["bank_n"]]), dim=1)])
-        logits = q @ keys.t() / o.cr_t
-        target = torch.arange(q.shape[0], device=q.device)
-        return F.cross_entropy(logits, target), f_global.detach()
+        keys = F.normalize(self.head(rec[PENULTIMATE].flatten(1)), dim=1)
+        if len(self.bank):
+            keys = torch.cat([keys, F.normalize(self.head(self.bank.filled("f")), dim=1)])
+        cr = F.cross_entropy(q @ keys.t() / o.cr_t, torch.arange(q.shape[0], device=q.device))
+        self.feats = f_global.detach()
+        self.head_opt.zero_grad(set_to_none=True)
+        return t_logits, loss + o.cr * cr, {**terms, "cr": cr.detach()}
 
-    def synthesize_batch(self):
-        o = self.opts
-        gen = self.build_generator(self.ctx.num_classes if o.conditional else 0).train()   # from scratch
-        z = self.z().requires_grad_()
-        opt = torch.optim.Adam([{"params": gen.parameters()}, {"params": [z]}], lr=o.g_lr, betas=(0.5, 0.999))
-        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
-        for _ in range(o.g_steps):
-            x = gen(z, y)
-            with self.ctx.autocast():
-                with FeatureRecorder(self.teacher, [self.feat_name], inputs=True) as rec:
-                    loss, t_logits, terms = self.objective(x, y, self.student)
-                self.global_feat = rec[self.feat_name].flatten(1)
-                cr, feats = self.contrastive(x)
-            loss = loss + o.cr * cr
-            terms["cr"] = cr.detach()
-            self.head_opt.zero_grad(set_to_none=True)
-            if self.synth_optimize(loss, opt, terms):
-                self.head_opt.step()                   # the head learns with the generator
-            self.head_opt.zero_grad(set_to_none=True)
-            self.s_opt.zero_grad(set_to_none=True)
-        n = feats.shape[0]
-        idx = (torch.arange(n, device=self.device) + self.state["bank_head"]) % self.bank.shape[0]
-        self.bank[idx] = feats
-        self.state["bank_head"] = (self.state["bank_head"] + n) % self.bank.shape[0]
-        self.state["bank_n"] = min(self.bank.shape[0], self.state["bank_n"] + n)
-        self.last_generator = gen
-        with torch.no_grad():
-            x = gen(z, y)
-            t_logits = self.teacher(x).float()
-        return x, t_logits, terms
+    def after_step(self, ok: bool) -> None:
+        if ok:
+            self.head_opt.step()                   # the head learns with the generator
+        self.head_opt.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def synthesize(self, n: int) -> torch.Tensor:
-        return self.synthesize_from_pool(n)
+    def end(self) -> None:
+        self.bank.add(f=self.feats)
+        self.bn.end()
+
+
+CMI = register("cmi", task="dfkd", family="inversion")(DFKD(
+    "CMI (Fang et al., IJCAI 2021): contrastive model inversion (BN statistics + instance discrimination).",
+    Options=CMIOptions, module=__name__, needs_teacher_bn=True,
+    defaults={"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4},
+    synthesizer=lambda o: LatentSynthesizer(ContrastiveObjective(), init="scratch", conditional=o.conditional)))

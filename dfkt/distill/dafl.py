@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.hooks import FeatureRecorder
-from ..core.losses import activation_loss, class_balance, one_hot_ce
+from ..core.hooks import PENULTIMATE, FeatureRecorder
+from ..core.losses import activation_loss, class_balance, one_hot_ce, weighted_terms
 from ..registry import register
-from .common import GeneratorMethod, GeneratorOptions, adversarial_kl, eval_mode, last_linear, no_param_grad
+from .generative import GeneratorOptions, GeneratorSynthesizer
+from .method import DEFAULTS, DFKD
+from .synthesis import SynthEnv, adversarial_kl, student_logits
 
 
 @dataclass
@@ -33,32 +35,26 @@ class DAFLOptions(GeneratorOptions):
     #                        (CMI/Fast's agree-only adversarial KL; not in the published DAFL)
 
 
-def dafl_terms(teacher, x: torch.Tensor, opts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dafl_terms(teacher, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAFL's generator losses on ``x``: (teacher logits, {'oh', 'act', 'ie'})."""
-    with FeatureRecorder(teacher, [last_linear(teacher)], inputs=True) as rec:
+    with FeatureRecorder(teacher, [PENULTIMATE]) as rec:
         t_logits = teacher(x)
-    feats = next(iter(rec.features.values()))
-    return t_logits, {"oh": one_hot_ce(t_logits), "act": activation_loss(feats), "ie": class_balance(t_logits)}
+    return t_logits, {"oh": one_hot_ce(t_logits), "act": activation_loss(rec[PENULTIMATE]),
+                      "ie": class_balance(t_logits)}
 
 
-@register("dafl", task="dfkd", family="generator")
-class DAFL(GeneratorMethod):
-    """DAFL (Chen et al., ICCV 2019): generator trained with one-hot, activation and information-entropy losses; `adv > 0` adds dfkt's adversarial term (the best DFKD recipe here)."""
+def dafl_objective(env: SynthEnv, x: torch.Tensor, z=None, y=None):
+    o = env.opts
+    t_logits, t = dafl_terms(env.teacher, x)
+    terms = {"oh": (o.oh, t["oh"]), "act": (o.act, t["act"]), "ie": (o.ie, t["ie"])}
+    if o.adv > 0:
+        terms["adv"] = (o.adv, adversarial_kl(student_logits(env, x), t_logits.float()))
+    loss, logged = weighted_terms(terms)
+    return t_logits, loss, logged
 
-    Options = DAFLOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
 
-    def synthesize_batch(self):
-        o = self.opts
-        self.generator.train()
-        x = self.gen(self.z())
-        with self.ctx.autocast():
-            t_logits, t = dafl_terms(self.teacher, x, o)
-        loss = o.oh * t["oh"] + o.act * t["act"] + o.ie * t["ie"]
-        if o.adv > 0:
-            with eval_mode(self.ctx.learner), no_param_grad(self.ctx.learner), self.ctx.autocast():
-                t["adv"] = adversarial_kl(self.student_logits(x).float(), t_logits.float())
-            loss = loss + o.adv * t["adv"]
-        terms = {k: v.detach() for k, v in t.items()}
-        self.g_optimize(loss, terms)
-        return x.detach(), t_logits.detach().float(), terms
+DAFL = register("dafl", task="dfkd", family="generator")(DFKD(
+    "DAFL (Chen et al., ICCV 2019): generator trained with one-hot, activation and information-entropy losses; "
+    "`adv > 0` adds dfkt's adversarial term (the best DFKD recipe here).",
+    Options=DAFLOptions, module=__name__, defaults=DEFAULTS,
+    synthesizer=lambda o: GeneratorSynthesizer(dafl_objective)))

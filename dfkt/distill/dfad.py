@@ -16,7 +16,9 @@ import torch
 
 from ..core.losses import logit_l1
 from ..registry import register
-from .common import GeneratorMethod, GeneratorOptions, no_param_grad
+from .generative import GeneratorOptions, GeneratorSynthesizer
+from .method import DEFAULTS, DFKD
+from .synthesis import SynthEnv, no_param_grad
 
 
 @dataclass
@@ -28,29 +30,18 @@ class DFADOptions(GeneratorOptions):
     g_schedule: bool = True      # the official code decays the generator's lr with the student's
 
 
-@register("dfad", task="dfkd", family="generator")
-class DFAD(GeneratorMethod):
-    """DFAD (Fang et al., 2019): a generator maximises the teacher/student L1 discrepancy, the student minimises it."""
+def dfad_objective(env: SynthEnv, x: torch.Tensor, z=None, y=None):
+    """The generator maximises the mean absolute teacher/student logit difference (or its log)."""
+    with no_param_grad(env.learner):
+        with torch.no_grad():
+            t_logits = env.teacher(x)
+        d = logit_l1(env.student(x).float(), t_logits.float())
+    loss = -torch.log(d + 1e-8) if env.opts.gen_loss == "log" else -d
+    return t_logits, loss, {"adv": d.detach()}
 
-    Options = DFADOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
 
-    def synthesize_batch(self):
-        o = self.opts
-        self.generator.train()
-        x = self.gen(self.z())
-        with self.ctx.autocast(), no_param_grad(self.ctx.learner):
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            d = logit_l1(self.student_logits(x).float(), t_logits.float())
-        loss = -torch.log(d + 1e-8) if o.gen_loss == "log" else -d
-        terms = {"adv": d.detach()}
-        self.g_optimize(loss, terms)
-        return x.detach(), t_logits.detach().float(), terms
-
-    def student_batch(self, x, t_logits):
-        if self.pool is not None:
-            return super().student_batch(x, t_logits)
-        with torch.no_grad():                     # the official recipe: a fresh batch per student step
-            x = self.gen(self.z())
-            return x, self.teacher(x)
+DFAD = register("dfad", task="dfkd", family="generator")(DFKD(
+    "DFAD (Fang et al., 2019): a generator maximises the teacher/student L1 discrepancy, the student minimises it.",
+    Options=DFADOptions, module=__name__, defaults=DEFAULTS,
+    # the official recipe: a fresh generator batch per student step
+    synthesizer=lambda o: GeneratorSynthesizer(dfad_objective, resample=True)))

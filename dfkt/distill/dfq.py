@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..registry import register
-from .common import BNSynthOptions, BNGeneratorMethod, balanced_labels
+from .generative import GeneratorSynthesizer
+from .method import DEFAULTS, DFKD
+from .objectives import BNObjective, BNSynthOptions
 
 
 @dataclass
@@ -22,29 +22,8 @@ class DFQOptions(BNSynthOptions):
     conditional: bool = False   # DFQ's one-hot term is against the teacher's own argmax
 
 
-@register("dfq", task="dfkd", family="generator")
-class DFQ(BNGeneratorMethod):
-    """DFQ (Choi et al., 2020): generator with BN-statistics, one-hot and adversarial losses; KD on its samples."""
-
-    Options = DFQOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
-
-    def synthesize_batch(self):
-        self.generator.train()
-        o = self.opts
-        y = balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng) if o.conditional else None
-        for _ in range(o.g_steps):
-            x = self.gen(self.z(), y)
-            with self.ctx.autocast():
-                loss, t_logits, terms = self.objective(x, y, self.student)
-            self.g_optimize(loss, terms)
-        return x.detach(), t_logits.detach(), terms
-
-    def student_batch(self, x, t_logits):
-        if self.pool is not None:
-            return super().student_batch(x, t_logits)
-        with torch.no_grad():                      # a fresh generator batch per student step
-            y = (balanced_labels(self.synth_bs, self.ctx.num_classes, self.device, self.ctx.rng)
-                 if self.opts.conditional else None)
-            x = self.gen(self.z(), y)
-            return x, self.teacher(x)
+DFQ = register("dfq", task="dfkd", family="generator")(DFKD(
+    "DFQ (Choi et al., 2020): generator with BN-statistics, one-hot and adversarial losses; KD on its samples.",
+    Options=DFQOptions, module=__name__, defaults=DEFAULTS, needs_teacher_bn=True,
+    # a fresh generator batch per student step
+    synthesizer=lambda o: GeneratorSynthesizer(BNObjective(), conditional=o.conditional, resample=True)))

@@ -26,21 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.hooks import FeatureRecorder
-from ..core.losses import total_variation
+from ..core.hooks import PENULTIMATE, FeatureRecorder
+from ..core.losses import total_variation, weighted_terms
 from ..errors import ConfigError
 from ..registry import register
-from .common import PENULTIMATE, DistillMethod, DistillOptions, balanced_labels, last_linear
+from .method import DFKD
+from .pixels import PixelSynthesizer
+from .student import DistillOptions
+from .synthesis import SynthEnv
 
 METADATA_FORMAT = "dfkt-lopes-metadata"
 
 
 def _record(model: nn.Module, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    plain = [n for n in layers if n != PENULTIMATE]
-    pen = [last_linear(model)] if PENULTIMATE in layers else []
-    with FeatureRecorder(model, plain) as rec, FeatureRecorder(model, pen, inputs=True) as prec:
+    with FeatureRecorder(model, layers) as rec:
         logits = model(x)
-    return logits, [(prec[pen[0]] if n == PENULTIMATE else rec[n]).flatten(1) for n in layers]
+    return logits, [rec[n].flatten(1) for n in layers]
 
 
 @torch.no_grad()
@@ -134,52 +135,47 @@ class LopesOptions(DistillOptions):
     kd_steps: int = 5
 
 
-@register("lopes", task="dfkd", family="metadata")
-class Lopes(DistillMethod):
-    """Lopes (Lopes et al., NIPS-W 2017): reconstruct inputs from recorded per-class activation statistics of the teacher."""
+class MetadataObjective:
+    """Match the teacher's activations at the recorded layers to targets drawn, per batch, from the recorded
+    per-class Gaussians (relative MSE; clamped at 0 for non-negative layers) + a TV prior (+ optional CE)."""
 
-    Options = LopesOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
-
-    def build(self) -> None:
-        meta = load_metadata(self.opts.metadata, self.teacher)
+    def setup(self, env: SynthEnv) -> None:
+        self.env = env
+        meta = load_metadata(env.opts.metadata, env.teacher)
         self.layers = list(meta["layers"])
-        self.mean = [m.to(self.device) for m in meta["mean"]]
-        self.std = [s.to(self.device) for s in meta["std"]]
+        self.mean = [m.to(env.device) for m in meta["mean"]]
+        self.std = [s.to(env.device) for s in meta["std"]]
         self.nonneg = list(meta["nonneg"])
         counts = meta["counts"]
-        if counts.numel() != self.ctx.num_classes:
+        if counts.numel() != env.ctx.num_classes:
             raise ConfigError(f"lopes metadata has {counts.numel()} classes but the teacher has "
-                              f"{self.ctx.num_classes}; record it with this teacher.")
-        self.present = torch.nonzero(counts > 0).flatten().to(self.device)
+                              f"{env.ctx.num_classes}; record it with this teacher.")
+        self.present = torch.nonzero(counts > 0).flatten().to(env.device)
 
-    def synthesize_batch(self):
-        o, ctx = self.opts, self.ctx
-        y = self.present[balanced_labels(self.synth_bs, len(self.present), self.device, ctx.rng)]
-        targets = []
-        for m, s, nn_ in zip(self.mean, self.std, self.nonneg):
-            a = m[y] + s[y] * torch.randn(m[y].shape, generator=ctx.rng).to(self.device)
-            targets.append(a.clamp_min(0) if nn_ else a)
-        x = (torch.randn((self.synth_bs, *ctx.input_shape), generator=ctx.rng) * o.init_std).to(self.device)
-        x.requires_grad_()
-        opt = torch.optim.Adam([x], lr=o.inv_lr, betas=(0.5, 0.99))
-        for _ in range(o.inv_steps):
-            with ctx.autocast():
-                logits, feats = _record(self.teacher, x, self.layers)
-                match = torch.stack([F.mse_loss(f.float(), t) / t.pow(2).mean().clamp_min(1e-6)
-                                     for f, t in zip(feats, targets)]).sum()
-                loss = match + o.tv * total_variation(x)
-                terms = {"match": match.detach()}
-                if o.ce:
-                    ce = F.cross_entropy(logits.float(), y)
-                    loss = loss + o.ce * ce
-                    terms["ce"] = ce.detach()
-            self.synth_optimize(loss, opt, terms)
-        x = x.detach()
-        with torch.no_grad():
-            t = self.teacher(x).float()
-        return x, t, terms
+    def labels(self, n: int) -> torch.Tensor:
+        """Balanced labels over the recorded classes; draws this batch's activation targets."""
+        y = self.present[self.env.labels(n, len(self.present))]
+        self.targets = []
+        for m, s, nonneg in zip(self.mean, self.std, self.nonneg):
+            a = m[y] + s[y] * torch.randn(m[y].shape, generator=self.env.rng).to(self.env.device)
+            self.targets.append(a.clamp_min(0) if nonneg else a)
+        return y
 
-    @torch.no_grad()
-    def synthesize(self, n: int) -> torch.Tensor:
-        return self.synthesize_from_pool(n)
+    def __call__(self, env: SynthEnv, x: torch.Tensor, z, y: torch.Tensor):
+        o = env.opts
+        with env.ctx.autocast():
+            logits, feats = _record(env.teacher, x, self.layers)
+            match = torch.stack([F.mse_loss(f.float(), t) / t.pow(2).mean().clamp_min(1e-6)
+                                 for f, t in zip(feats, self.targets)]).sum()
+            terms = {"match": (1.0, match), "tv": (o.tv, total_variation(x))}
+            if o.ce:
+                terms["ce"] = (o.ce, F.cross_entropy(logits.float(), y))
+            loss, logged = weighted_terms(terms)
+        return logits, loss, logged
+
+
+LOPES = register("lopes", task="dfkd", family="metadata")(DFKD(
+    "Lopes (Lopes et al., NIPS-W 2017): reconstruct inputs from recorded per-class activation statistics of the "
+    "teacher.", Options=LopesOptions, module=__name__,
+    defaults={"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4},
+    synthesizer=lambda o: PixelSynthesizer(MetadataObjective())))

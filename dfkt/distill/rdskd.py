@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .common import GeneratorMethod, GeneratorOptions
 from .dafl import dafl_terms
+from .generative import GeneratorOptions, GeneratorSynthesizer
+from .method import DEFAULTS, DFKD
+from .synthesis import SynthEnv
 
 
 @dataclass
@@ -25,33 +27,35 @@ class RDSKDOptions(GeneratorOptions):
     div: float = 1.0      # mode-seeking diversity weight
 
 
-@register("rdskd", task="dfkd", family="generator")
-class RDSKD(GeneratorMethod):
-    """RDSKD (Han et al., ICASSP 2021): DAFL's losses in exponential relative form + mode-seeking diversity."""
+class RelativeObjective:
+    """DAFL's terms and the mode-seeking term, each as ``w * exp(L - L_prev)`` (previous values are state)."""
 
-    Options = RDSKDOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
+    def setup(self, env: SynthEnv) -> None:
+        self.prev = torch.zeros(4, device=env.device)     # oh, act, ie, -ms
+        self.started = False
 
-    def build(self) -> None:
-        super().build()
-        self.prev = self.track("prev_terms", torch.zeros(4, device=self.device))   # oh, act, ie, ms
-        self.state["started"] = False
-
-    def synthesize_batch(self):
-        o = self.opts
-        self.generator.train()
-        z = self.z()
-        x = self.gen(z)
-        with self.ctx.autocast():
-            t_logits, t = dafl_terms(self.teacher, x, o)
+    def __call__(self, env: SynthEnv, x: torch.Tensor, z: torch.Tensor, y=None):
+        o = env.opts
+        t_logits, t = dafl_terms(env.teacher, x)
         h = x.shape[0] // 2
         ms = (x[:h] - x[h:2 * h]).abs().mean() / (z[:h] - z[h:2 * h]).abs().mean()
         cur = torch.stack([t["oh"], t["act"], t["ie"], -ms]).float()
-        prev = self.prev if self.state["started"] else cur.detach()
+        prev = self.prev if self.started else cur.detach()
         w = torch.tensor([o.oh, o.act, o.ie, o.div], device=cur.device)
         loss = (w * torch.exp((cur - prev).clamp(max=10.0))).sum()
-        terms = {**{k: v.detach() for k, v in t.items()}, "ms": ms.detach()}
-        self.g_optimize(loss, terms)
         self.prev.copy_(cur.detach())
-        self.state["started"] = True
-        return x.detach(), t_logits.detach().float(), terms
+        self.started = True
+        return t_logits, loss, {**{k: v.detach() for k, v in t.items()}, "ms": ms.detach()}
+
+    def state_dict(self) -> dict:
+        return {"prev": self.prev.cpu().clone(), "started": self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prev.copy_(state["prev"])
+        self.started = bool(state["started"])
+
+
+RDSKD = register("rdskd", task="dfkd", family="generator")(DFKD(
+    "RDSKD (Han et al., ICASSP 2021): DAFL's losses in exponential relative form + mode-seeking diversity.",
+    Options=RDSKDOptions, module=__name__, defaults=DEFAULTS,
+    synthesizer=lambda o: GeneratorSynthesizer(RelativeObjective())))

@@ -15,7 +15,9 @@ import torch
 
 from ..core.losses import kd_kl
 from ..registry import register
-from .common import GeneratorMethod, GeneratorOptions, no_param_grad
+from .generative import GeneratorOptions, GeneratorSynthesizer
+from .method import DFKD
+from .synthesis import SynthEnv, no_param_grad
 
 
 @dataclass
@@ -25,21 +27,17 @@ class ZSKTOptions(GeneratorOptions):
     feature_weight: float = 250.0       # ZSKT's beta
 
 
-@register("zskt", task="dfkd", family="generator")
-class ZSKT(GeneratorMethod):
-    """ZSKT (Micaelli & Storkey, NeurIPS 2019): adversarial generator (max KL) + KL and attention transfer."""
+def zskt_objective(env: SynthEnv, x: torch.Tensor, z=None, y=None):
+    """The generator maximises KL(teacher || student) on its images."""
+    with no_param_grad(env.learner):
+        with torch.no_grad():
+            t_logits = env.teacher(x)
+        kl = kd_kl(env.student(x).float(), t_logits.float(), 1.0)
+    return t_logits, -kl, {"adv": kl.detach()}
 
-    Options = ZSKTOptions
-    defaults = {"epochs": 20, "iters_per_epoch": 20, "lr": 0.05, "batch_size": 256, "weight_decay": 5e-4}
 
-    def synthesize_batch(self):
-        self.generator.train()
-        for _ in range(self.opts.g_steps):
-            x = self.gen(self.z())
-            with self.ctx.autocast(), no_param_grad(self.ctx.learner):
-                with torch.no_grad():
-                    t_logits = self.teacher(x)
-                kl = kd_kl(self.student_logits(x).float(), t_logits.float(), 1.0)
-            terms = {"adv": kl.detach()}
-            self.g_optimize(-kl, terms)
-        return x.detach(), t_logits.detach().float(), terms
+ZSKT = register("zskt", task="dfkd", family="generator")(DFKD(
+    "ZSKT (Micaelli & Storkey, NeurIPS 2019): adversarial generator (max KL) + KL and attention transfer.",
+    Options=ZSKTOptions, module=__name__,
+    defaults={"epochs": 20, "iters_per_epoch": 20, "lr": 0.05, "batch_size": 256, "weight_decay": 5e-4},
+    synthesizer=lambda o: GeneratorSynthesizer(zskt_objective)))
