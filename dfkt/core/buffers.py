@@ -75,7 +75,9 @@ class RingBuffer:
                 "head": self.head, "size": self.size}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state["data"].items():
+        # (checkpoints written before the ring buffer had its own layout: fields next to head/size)
+        data = state["data"] if "data" in state else {k: v for k, v in state.items() if k not in ("head", "size")}
+        for k, v in data.items():
             self.data[k][:v.shape[0]] = v.to(self.device)
         self.size, self.head = int(state["size"]), int(state["head"])
 

@@ -7,8 +7,9 @@ from the options) and its training defaults in a :class:`DFKD` object and regist
         "DAFL (Chen et al., ICCV 2019): ...", Options=DAFLOptions, module=__name__,
         synthesizer=lambda o: GeneratorSynthesizer(dafl_objective), defaults={...}))
 
-``batches()`` is the reconstructor (the synthesizer's batches, added to the replay pool); ``step()`` takes
-``kd_steps`` student steps on the fresh batch, a fresh synthesizer sample, or replay data.
+``batches()`` is the reconstructor (the synthesizer's batches, remembered in the learner's replay pool);
+``step()`` hands each batch to the learner: ``kd_steps`` student steps on replay data, a fresh synthesizer
+sample or the batch itself.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.buffers import DataPool
 from ..core.context import Context
 from ..core.method import Batch, Method, freeze
 from .student import StudentLearner
@@ -45,11 +45,7 @@ class DFKDMethod(Method):
         self.synth: Synthesizer = self.spec.synthesizer(o)
         self.synth.setup(env)
         self.track("synthesizer", self.synth)
-        self.pool = None
-        if o.pool_batches > 0 and self.synth.store is None:
-            self.pool = self.track("pool", DataPool(o.pool_batches * env.batch, ctx.input_shape, ctx.num_classes,
-                                                    ctx.device))
-        self.replay = self.synth.store if self.synth.store is not None else self.pool
+        self.learner.use_replay(self.synth.store, env.batch)
 
     # -- the loop's protocol -------------------------------------------------------------------
     def batches(self):
@@ -57,24 +53,13 @@ class DFKDMethod(Method):
         self.ctx.learner.train()
         for _ in range(self.ctx.train.iters_per_epoch):
             x, t_logits, terms = self.synth.synthesize()
-            if self.pool is not None:
-                self.pool.add(x, t_logits)
+            self.learner.remember(x, t_logits)
             yield Batch(x=x, targets=t_logits, extra={"terms": terms})
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         terms = dict(batch.extra["terms"])
-        if self.ctx.epoch < self.opts.warmup:         # synthesis only
-            return terms
-        n = self.ctx.batch_per_rank
-
-        def draw() -> tuple[torch.Tensor, torch.Tensor]:
-            if self.replay is not None and len(self.replay):
-                idx = self.replay.sample_indices(n, self.ctx.rng)
-                return self.replay.data["x"][idx], self.replay.data["logits"][idx]
-            fresh = self.synth.sample(n)
-            return fresh if fresh is not None else (batch.x, batch.targets)
-
-        terms.update(self.learner.train(draw, self.opts.kd_steps))
+        if self.ctx.epoch >= self.opts.warmup:        # the first `warmup` epochs only synthesize
+            terms.update(self.learner.learn(batch.x, batch.targets, self.synth.sample))
         return terms
 
     def model(self) -> torch.nn.Module:
@@ -87,8 +72,9 @@ class DFKDMethod(Method):
         imgs = self.synth.images(n)
         if imgs is not None:
             return imgs
-        if self.replay is not None and len(self.replay):
-            return self.replay.data["x"][:min(n, len(self.replay))].clone()
+        replay = self.learner.replay
+        if replay is not None and len(replay):
+            return replay.data["x"][:min(n, len(replay))].clone()
         out: list[torch.Tensor] = []
         while sum(len(v) for v in out) < n:
             with torch.enable_grad():
@@ -108,6 +94,8 @@ class DFKD:
     module: str
     defaults: dict = field(default_factory=dict)
     needs_teacher_bn: bool = False
+    name = "?"                   # set by register()
+    task = "dfkd"
     needs_learner_bn = False
     needs_index = False
     trains = True

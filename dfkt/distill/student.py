@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..core import distributed as dist
+from ..core.buffers import DataPool, RingBuffer
 from ..core.context import Context
 from ..core.losses import kd_kl, logit_l1
+from ..core.method import ema_update
 from ..errors import ConfigError
+from .augment import mix_pairs, random_shift
 from .features import FeatureTransfer, feature_pairs
 
 
@@ -82,29 +84,6 @@ class DistillOptions:
             raise ConfigError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
 
-def random_shift(x: torch.Tensor, max_px: int, g: torch.Generator | None = None) -> torch.Tensor:
-    """Shift each image by up to ``max_px`` pixels (border replicated by rolling a padded copy)."""
-    if max_px <= 0:
-        return x
-    n, _, h, w = x.shape
-    pad = F.pad(x, (max_px,) * 4, mode="replicate")
-    dx, dy = (int(v) for v in torch.randint(0, 2 * max_px + 1, (2,), generator=g))
-    return pad[..., dy:dy + h, dx:dx + w]
-
-
-def mix_pairs(x: torch.Tensor, alpha: float, g: torch.Generator | None = None) -> torch.Tensor:
-    """Mixup of each input with a random partner of the batch, lambda ~ Beta(alpha, alpha) per sample
-    (drawn from ``g`` on the host, so runs stay reproducible)."""
-    n = x.shape[0]
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,))
-        perm = torch.randperm(n)
-    lam = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return lam * x + (1 - lam) * x[perm.to(x.device)]
-
-
 class HostState(dict):
     """Plain counters and small values (tracked for resume like a module's state)."""
 
@@ -116,13 +95,13 @@ class HostState(dict):
 
 
 class StudentLearner:
-    """The student: optimiser and lr schedule, KD (KL or L1) plus feature losses by module name, shifts and
-    mixup, EMA weights. ``train(draw, k)`` takes ``k`` student steps on batches from ``draw()``."""
+    """The student: optimiser and lr schedule, KD (KL or L1) plus feature losses by module name, the replay
+    pool, shifts and mixup, EMA weights. ``learn(x, t, fresh)`` takes the ``kd_steps`` of one iteration."""
 
     def __init__(self, ctx: Context, opts: DistillOptions, teacher: torch.nn.Module,
                  track: Callable[[str, object], object]):
         o, tc = opts, ctx.train
-        self.ctx, self.opts, self.teacher = ctx, opts, teacher
+        self.ctx, self.opts, self.teacher, self.track = ctx, opts, teacher, track
         self.student = ctx.ddp(ctx.learner)
         self.features: FeatureTransfer | None = None
         if o.feature_loss != "none":
@@ -158,6 +137,36 @@ class StudentLearner:
         if self.opts.schedule == "step":
             return warm * (0.01 if p >= 0.75 else 0.1 if p >= 0.5 else 1.0)
         return warm
+
+    # -- data ----------------------------------------------------------------------------------
+    def use_replay(self, store: RingBuffer | None, batch: int) -> None:
+        """Replay data to draw student batches from: the synthesizer's own ``store`` (persistent pixels), else
+        a pool of ``pool_batches`` synthesized batches of ``batch`` rows, else none (the fresh batch)."""
+        self.pool = None
+        if self.opts.pool_batches > 0 and store is None:
+            ctx = self.ctx
+            self.pool = self.track("pool", DataPool(self.opts.pool_batches * batch, ctx.input_shape, ctx.num_classes,
+                                                    ctx.device))
+        self.replay = store if store is not None else self.pool
+
+    def remember(self, x: torch.Tensor, t_logits: torch.Tensor) -> None:
+        if self.pool is not None:
+            self.pool.add(x, t_logits)
+
+    def learn(self, x: torch.Tensor, t_logits: torch.Tensor,
+              fresh: Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """``kd_steps`` student steps, each on replay data if any, else ``fresh(n)`` (a new synthesizer
+        sample, when it makes them), else the iteration's batch ``(x, t_logits)``."""
+        n = self.ctx.batch_per_rank
+
+        def draw() -> tuple[torch.Tensor, torch.Tensor]:
+            if self.replay is not None and len(self.replay):
+                idx = self.replay.sample_indices(n, self.ctx.rng)
+                return self.replay.data["x"][idx], self.replay.data["logits"][idx]
+            new = fresh(n)
+            return new if new is not None else (x, t_logits)
+
+        return self.train(draw, self.opts.kd_steps)
 
     # -- steps ---------------------------------------------------------------------------------
     def train(self, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], k: int) -> dict[str, torch.Tensor]:
@@ -211,15 +220,11 @@ class StudentLearner:
             self.update_ema()
         return terms
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """ema <- decay * ema + (1 - decay) * student (buffers copied), one fused op per tensor list."""
-        src = dist.unwrap(self.ctx.learner)
         # warm-up: the decay grows with the step count so early weights do not linger
         decay = min(self.opts.ema, (1 + self.state["s_step"]) / (10 + self.state["s_step"]))
-        torch._foreach_lerp_(list(self.ema_model.parameters()), list(src.parameters()), 1.0 - decay)
-        for b_ema, b in zip(self.ema_model.buffers(), src.buffers()):
-            b_ema.copy_(b)
+        ema_update(self.ema_model, dist.unwrap(self.ctx.learner), decay, buffers=True)
 
     def model(self) -> torch.nn.Module:
         """The student to evaluate and deploy (its EMA with ``ema > 0``)."""
