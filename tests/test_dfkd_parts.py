@@ -19,6 +19,7 @@ from dfkt.distill.lopes import record_metadata
 from dfkt.distill.method import DFKDMethod
 from dfkt.models import build_model
 from dfkt.registry import get_method
+from helpers.harness import assert_same_weights, kill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 32, 32)
@@ -196,26 +197,12 @@ def test_kill_and_resume_gives_the_uninterrupted_run(method, kw, tmp_path, monke
         torch.manual_seed(1)
         return build_model("lenet5-half")
 
-    full = dfkt.distill(teacher, student(), **run)
-
-    class Killed(Exception):
-        pass
-
-    def die(self, epoch):
-        if epoch == 1:
-            raise Killed
-
-    with monkeypatch.context() as mp:
-        mp.setattr(DFKDMethod, "epoch_begin", die)
-        with pytest.raises(Killed):
-            dfkt.distill(teacher, student(), checkpoint_dir=str(tmp_path), **run)
-    torch.manual_seed(99)        # the resumed process starts from another RNG state
-    res = dfkt.distill(teacher, student(), checkpoint_dir=str(tmp_path), resume=True, **run)
-    assert res.history.resumed_from_epoch == 1 and len(res.history.records) == 2
+    full, res = kill_and_resume(lambda **more: dfkt.distill(teacher, student(), **run, **more), DFKDMethod, tmp_path,
+                                monkeypatch)
+    assert len(res.history.records) == 2
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
     assert strip(res.history.records) == strip(full.history.records)
-    for (k, a), b in zip(full.model.state_dict().items(), res.model.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    assert_same_weights(full.model, res.model, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the package's shape
