@@ -1,21 +1,19 @@
 """AdaContrast: contrastive test-time adaptation (Chen et al., CVPR 2022)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..core.distributed import all_gather_cat
 from ..core.hooks import frozen_bn_stats
 from ..core.losses import marginal_entropy, pseudo_label_ce
-from ..core.method import Batch, cosine_decay, ema_update, freeze
-from ..distill.pool import DataPool
+from ..core.method import Batch, cosine_decay
 from ..registry import register
 from .banks import BankMethod
 from .common import check_target_size, forward_with_features, weak_augment
+from .moco import MomentumKeys
 
 
 @dataclass
@@ -69,17 +67,11 @@ class AdaContrast(BankMethod):
         check_target_size(self.ctx, o.K, "adacontrast")
         super().setup_extra()                                   # fea_bank / score_bank from one target pass
         self.sched = self.track("sched", cosine_decay(self.optimizer, self.ctx.total_steps))
-        self.ema = self.track("ema", freeze(copy.deepcopy(self.ctx.learner)))
-        n, d = self.fea_bank.shape
-        self.queue = self.track("queue", DataPool(min(o.queue_size, n), (d,), self.ctx.num_classes,
-                                                  self.ctx.device))
-        head = next(n for n, m in self.ctx.learner.named_modules() if m is self.ctx.parts.head)
-        self.ema_head = self.ema.get_submodule(head)            # the momentum model's head
+        self.moco = MomentumKeys(self, o.queue_size, self.ctx.num_classes, o.momentum_ema, self.fea_bank.shape[1])
 
     def train_mode(self) -> None:
         super().train_mode()
-        for m_ema, m in zip(self.ema.modules(), self.ctx.learner.modules()):
-            m_ema.training = m.training                         # same modes (dropout off, BN on batch stats)
+        self.moco.sync_modes()
 
     @torch.no_grad()
     def refine(self, feats: torch.Tensor) -> torch.Tensor:
@@ -98,15 +90,9 @@ class AdaContrast(BankMethod):
         with ctx.autocast(), frozen_bn_stats(ctx.learner):
             lq, fq = forward_with_features(self.net, head, xq)
         lq = lq.float()
-        with torch.no_grad(), ctx.autocast(), frozen_bn_stats(self.ema):
-            _, fk = forward_with_features(self.ema, self.ema_head, xk)
-        q, k = F.normalize(fq.float(), dim=1), F.normalize(fk.float(), dim=1)
-        keys, onehot = self.queue.all()
-        l_neg = q @ keys.t()
-        if o.class_aware:
-            l_neg = l_neg.masked_fill(onehot.t()[pl] > 0, float("-inf"))       # same pseudo-label: no negative
-        logits_ins = torch.cat([(q * k).sum(1, keepdim=True), l_neg], 1) / o.temperature
-        ins = F.cross_entropy(logits_ins, torch.zeros_like(pl))
+        q, k = F.normalize(fq.float(), dim=1), self.moco.keys(xk)
+        same = self.moco.queue.all()[1].t()[pl] > 0 if o.class_aware else None   # same pseudo-label: no negative
+        ins = F.cross_entropy(self.moco.instance_logits(q, k, o.temperature, same), torch.zeros_like(pl))
         ce = pseudo_label_ce(lq, pl)
         div = marginal_entropy(lq)
         loss = o.alpha * ce + o.beta * ins - o.eta * div
@@ -114,9 +100,8 @@ class AdaContrast(BankMethod):
         ctx.optimize(loss, self.optimizer, terms)
         self.step_schedule()
         with torch.no_grad():
-            self.queue.add(all_gather_cat(k), F.one_hot(all_gather_cat(pl), ctx.num_classes).float())
-            ema_update(self.ema, ctx.learner, o.momentum_ema)
-            with ctx.autocast():
-                lw, fw = forward_with_features(self.ema, self.ema_head, xw)    # slow features -> bank
-            self.write_bank(batch.idx, fw, F.softmax(lw.float(), 1))
+            self.moco.push(k, F.one_hot(pl, ctx.num_classes))
+            self.moco.update()
+            lw, fw = self.moco.outputs(xw)                             # slow features -> bank
+            self.write_bank(batch.idx, fw, F.softmax(lw, 1))
         return terms
