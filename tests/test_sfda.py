@@ -231,6 +231,56 @@ def test_plue_parts():
     assert float(negative_learning(torch.zeros(200, 5), labels, g).mean()) == pytest.approx(-np.log(0.8), abs=1e-5)
 
 
+def test_sfda2_improves_over_source_only(source_model, target, source_acc):
+    res = dfkt.adapt(source_model, target, method="sfda2", epochs=6, **CPU)
+    assert res.acc >= source_acc + 10, (res.acc, source_acc)     # measured +18.9 (74.7 -> 93.6)
+    rec = res.history.last
+    assert {"attract", "disperse", "ifa", "fd"} <= set(rec) and rec["fd"] < 0
+
+
+def test_class_covariance_equals_the_pooled_covariance():
+    """The running estimate over several batches is the (biased) covariance of all features of each class."""
+    from dfkt.sfda.sfda2 import ClassCovariance
+
+    class Owner:
+        def track(self, name, obj):
+            return obj
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 1
+    lab = torch.randint(0, 3, (300,), generator=g)
+    lab[lab == 2] = 1                                   # class 2 never seen: its covariance stays 0
+    est = ClassCovariance(Owner(), 3, 4, torch.device("cpu"))
+    for i in range(0, 300, 64):
+        est.update(f[i:i + 64], lab[i:i + 64])
+    for c in (0, 1):
+        assert torch.allclose(est.cov[c], torch.cov(f[lab == c].t(), correction=0), atol=1e-4)
+        assert torch.allclose(est.mean[c], f[lab == c].mean(0), atol=1e-5)
+    assert est.cov[2].abs().max() == 0 and est.count.tolist() == [float((lab == 0).sum()), float((lab == 1).sum()), 0.0]
+
+
+def test_sfda2_augmentation_and_disentanglement_terms():
+    """The vectorised IFA term equals the official per-class loop; FD has no NaN for an empty class."""
+    from dfkt.sfda.sfda2 import covariance_dissimilarity, implicit_augmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 6, 4, 5
+    logits, w = torch.randn(n, c, generator=g), torch.randn(c, d, generator=g)
+    a = torch.randn(c, d, d, generator=g)
+    cov = a @ a.transpose(1, 2)
+    labels = torch.randint(0, c, (n,), generator=g)
+    ref = torch.zeros(n)
+    for i in range(c):                                  # the official formulation, one target class at a time
+        dw = w.unsqueeze(0) - w[i].view(1, 1, d)                                    # [1, C, D]: w_j - w_i
+        s = torch.einsum("ja,nab,jb->nj", dw[0], cov[labels], dw[0])
+        ref += F.cross_entropy(logits + 0.5 * 0.7 * s, torch.full((n,), i), reduction="none")
+    assert torch.allclose(implicit_augmentation_loss(logits, w, cov, labels, 0.7), ref, atol=1e-4)
+    scores = F.softmax(torch.randn(20, c, generator=g), 1)
+    fd = covariance_dissimilarity(cov, scores, torch.zeros(20, dtype=torch.long))    # classes 1-3 empty
+    assert torch.isfinite(fd) and fd == 0                                             # no pair has weight
+    fd = covariance_dissimilarity(cov, scores, torch.arange(20) % c)
+    assert torch.isfinite(fd) and fd < 0
+
+
 def test_jmds_labels_and_scores(source_model, target, source_acc):
     from dfkt.sfda.cowa import jmds_labels
 
@@ -250,7 +300,7 @@ def test_jmds_labels_and_scores(source_model, target, source_acc):
 
 
 @pytest.mark.parametrize("method,kw", [("nrc", dict(lr=0.001, K=3, KK=2)), ("adacontrast", dict(K=3)),
-                                        ("cowa", {}), ("plue", dict(K=3))])
+                                        ("cowa", {}), ("plue", dict(K=3)), ("sfda2", dict(K=3))])
 def test_resume_restores_method_state(method, kw, source_model, target, tmp_path, monkeypatch):
     """Banks / queues / momentum models / pseudo-labels are tracked: a run killed after epoch 1 and
     resumed ends with the same weights."""
