@@ -91,7 +91,7 @@ class AdaContrast(BankMethod):
             lq, fq = forward_with_features(self.net, head, xq)
         lq = lq.float()
         q, k = F.normalize(fq.float(), dim=1), self.moco.keys(xk)
-        same = self.moco.queue.all()[1].t()[pl] > 0 if o.class_aware else None   # same pseudo-label: no negative
+        same = self.moco.labels().t()[pl] > 0 if o.class_aware else None   # same pseudo-label: no negative
         ins = F.cross_entropy(self.moco.instance_logits(q, k, o.temperature, same), torch.zeros_like(pl))
         ce = pseudo_label_ce(lq, pl)
         div = marginal_entropy(lq)

@@ -7,10 +7,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..core.buffers import RingBuffer
 from ..core.distributed import all_gather_cat
 from ..core.hooks import frozen_bn_stats
 from ..core.method import Method, ema_update, freeze
-from ..distill.pool import DataPool
 from .common import forward_with_features
 
 
@@ -18,20 +18,22 @@ class MomentumKeys:
     """The key side of MoCo (He et al., CVPR 2020) as the SFDA methods use it.
 
     ``model``: a frozen copy of the learner, updated by ``update`` as ``m * model + (1 - m) * learner``;
-    ``queue``: a ring of the last ``queue_size`` (at most the target size) L2-normalised keys, each with
-    a row of ``label_width`` floats that the method defines (AdaContrast: the one-hot pseudo-label; PLUE:
-    the key's sample index). Both are tracked by ``method`` (saved and restored on resume).
+    ``queue``: a ring (``core.buffers.RingBuffer``) of the last ``queue_size`` (at most the target size)
+    L2-normalised keys, each with a row of ``label_width`` values of ``label_dtype`` that the method
+    defines (AdaContrast: the one-hot pseudo-label; PLUE: the key's sample index). Both are tracked by
+    ``method`` (saved and restored on resume).
     """
 
     def __init__(self, method: Method, queue_size: int, label_width: int, momentum: float,
-                 feature_dim: int) -> None:
+                 feature_dim: int, label_dtype: torch.dtype = torch.float32) -> None:
         ctx = method.ctx
         self.momentum = momentum
         self.model = method.track("ema", freeze(copy.deepcopy(ctx.learner)))
         head = next(n for n, m in ctx.learner.named_modules() if m is ctx.parts.head)
         self.head = self.model.get_submodule(head)                   # the momentum model's head
-        self.queue = method.track("queue", DataPool(min(queue_size, len(ctx.target)), (feature_dim,),
-                                                    label_width, ctx.device))
+        self.queue = method.track("queue", RingBuffer(min(queue_size, len(ctx.target)),
+                                                      {"key": (feature_dim,), "label": (label_width,)},
+                                                      ctx.device, dtypes={"label": label_dtype}))
         self.ctx = ctx
 
     def sync_modes(self) -> None:
@@ -57,8 +59,7 @@ class MomentumKeys:
                         drop: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE logits [B, 1 + queue]: column 0 the positive ``q . k``, then ``q`` against the queued
         keys; ``drop`` [B, queue] (True = not a negative for that query) masks queued keys out."""
-        keys, _ = self.queue.all()
-        neg = q @ keys.t()
+        neg = q @ self.queue.filled("key").t()
         if drop is not None:
             neg = neg.masked_fill(drop, float("-inf"))
         return torch.cat([(q * k).sum(1, keepdim=True), neg], 1) / temperature
@@ -66,7 +67,11 @@ class MomentumKeys:
     @torch.no_grad()
     def push(self, k: torch.Tensor, labels: torch.Tensor) -> None:
         """Queue every rank's keys with their label rows."""
-        self.queue.add(all_gather_cat(k), all_gather_cat(labels.float()))
+        self.queue.add(key=all_gather_cat(k), label=all_gather_cat(labels))
+
+    def labels(self) -> torch.Tensor:
+        """The label rows of the queued keys, in the queue's row order (``instance_logits``' columns 1:)."""
+        return self.queue.filled("label")
 
     @torch.no_grad()
     def update(self) -> None:

@@ -91,7 +91,7 @@ class PLUE(BankMethod):
         super().setup_extra()
         self.sched = self.track("sched", torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0))
         # the queue's label row is the key's sample index (its remembered labels are looked up at use)
-        self.moco = MomentumKeys(self, o.queue_size, 1, o.momentum_ema, self.fea_bank.shape[1])
+        self.moco = MomentumKeys(self, o.queue_size, 1, o.momentum_ema, self.fea_bank.shape[1], torch.long)
         self.memory = self.track("memory", torch.full((len(ctx.target), o.temporal_length), -1,
                                                       dtype=torch.long, device=ctx.device))
 
@@ -135,7 +135,7 @@ class PLUE(BankMethod):
         k = self.moco.keys(xk)
         if o.contrastive:
             q = F.normalize(fq.float(), dim=1)
-            mine, theirs = self.memory[batch.idx], self.memory[self.moco.queue.all()[1][:, 0].long()]
+            mine, theirs = self.memory[batch.idx], self.memory[self.moco.labels()[:, 0]]
             same = ((mine.unsqueeze(1) == theirs.unsqueeze(0)) & (mine.unsqueeze(1) >= 0)).any(2)
             ins = F.cross_entropy(self.moco.instance_logits(q, k, o.temperature, same), torch.zeros_like(pl))
             loss = loss + ins

@@ -153,7 +153,8 @@ class SFDA2(BankMethod):
         alpha = o.alpha * (1 + 10 * progress) ** (-o.beta)
         labels = logits.argmax(1)
         cov = self.stats.update(feats, labels)
-        ifa = implicit_augmentation_loss(logits, linear_weight(ctx.parts.head), cov, labels, o.ifa_ratio * progress).mean()
+        weight = linear_weight(ctx.parts.head)
+        ifa = implicit_augmentation_loss(logits, weight, cov, labels, o.ifa_ratio * progress).mean()
         fd = covariance_dissimilarity(cov, self.score_bank, self.score_bank.argmax(1))
         loss = attract + alpha * disperse + o.ifa * 2 * ifa + o.fd * fd
         terms = {"attract": attract.detach(), "disperse": disperse.detach(), "ifa": ifa.detach(),
