@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.evaluate import predict
 from ..core.hooks import BN_TYPES, forward_with_features  # noqa: F401  (re-exported for the SFDA methods)
+from ..core.losses import pseudo_label_ce
 from ..core.method import Batch, Method, freeze, poly_decay
 from ..core.neighbors import BankIndex, knn
 from ..errors import ConfigError, DataError
@@ -225,6 +226,16 @@ class SFDAMethod(Method):
 
     def setup_extra(self) -> None:
         """Memory banks etc. (called at the end of ``setup``)."""
+
+    def anchor_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """The ``anchor`` term: cross-entropy to the unadapted model's predictions (source weights, target
+        BatchNorm statistics: ``ctx.reference``) on the half of each of its predicted classes where it is
+        most confident, times the ``anchor`` option; None when the option is 0 or there is no reference."""
+        w = self.opt("anchor", 0.0)
+        ref = self.ctx.reference
+        if w <= 0 or ref is None:
+            return None
+        return w * pseudo_label_ce(logits, ref.pred[idx], weight=ref.confident[idx].float())
 
     def train_mode(self) -> None:
         """Train mode (BatchNorm on batch statistics), dropout off unless ``dropout=True``."""

@@ -76,10 +76,9 @@ class Shot(SFDAMethod):
         div = marginal_entropy(logits) if o.gent else torch.zeros((), device=logits.device)
         loss = o.ent_par * (ent - div)
         terms = {"ent": ent.detach(), "div": div.detach()}
-        if self.opt("anchor", 0.0) > 0 and self.ctx.reference is not None:
-            ref = self.ctx.reference      # the source model with target BN statistics (see dfkt.core.guard)
-            anchor = pseudo_label_ce(logits, ref.pred[batch.idx], weight=ref.confident[batch.idx].float())
-            loss = loss + self.opts.anchor * anchor
+        anchor = self.anchor_loss(logits, batch.idx)
+        if anchor is not None:
+            loss = loss + anchor
             terms["anchor"] = anchor.detach()
         beta = getattr(o, "beta", 0.0)
         if beta > 0:
