@@ -14,6 +14,7 @@ from dfkt.models.cifar import (CifarResNet, WideResNet, resnet18_cifar, resnet34
 from dfkt.models.digits import (Bottleneck, DTNBase, Head, LeNetBase, SplitNet, WNLinear,
                                 shot_digit_net)
 from dfkt.models.lenet import LeNet5, LeNet5Half
+from dfkt.models.small import DigitCNN
 from dfkt.models.split import (Parts, find_head, logits_of, num_classes_of, outputs_logits, restore_outputs,
                                set_head, split)
 from dfkt.models.torchvision_nets import external_model, object_net, resnet_backbone
@@ -21,7 +22,7 @@ from dfkt.models.torchvision_nets import external_model, object_net, resnet_back
 __all__ = [
     "build_model", "list_models", "default_input_shape", "check_input", "split", "Parts",
     "num_classes_of", "find_head", "set_head", "logits_of", "outputs_logits", "restore_outputs", "LeNet5", "LeNet5Half", "LeNetBase", "DTNBase", "Bottleneck", "Head",
-    "WNLinear", "SplitNet", "shot_digit_net", "CifarResNet", "WideResNet", "resnet18_cifar",
+    "WNLinear", "SplitNet", "DigitCNN", "shot_digit_net", "CifarResNet", "WideResNet", "resnet18_cifar",
     "resnet34_cifar", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "resnet_backbone",
     "object_net",
 ]
@@ -61,6 +62,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, int, int]]] = {
     "lenet5-half-bn": (_with(_lenet5_half, batchnorm=True), (1, 32, 32)),
     "shot-lenet": (_with(_shot, arch="lenet"), (1, 28, 28)),
     "shot-dtn": (_with(_shot, arch="dtn"), (3, 32, 32)),
+    "digit-cnn": (DigitCNN, (1, 28, 28)),
     "resnet18-cifar": (resnet18_cifar, (3, 32, 32)),
     "resnet34-cifar": (resnet34_cifar, (3, 32, 32)),
     "wrn-16-1": (wrn_16_1, (3, 32, 32)),
