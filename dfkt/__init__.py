@@ -4,7 +4,8 @@ Two branches on one core of "data reconstruction + knowledge transfer":
 
 * ``dfkt.distill(teacher, student, method=...)`` — data-free knowledge distillation (DFKD);
 * ``dfkt.adapt(model, target, method=...)`` — source-free domain adaptation (SFDA);
-* ``dfkt.tta(model, stream, method=...)`` — online test-time adaptation (predict, then adapt, on a stream).
+* ``dfkt.tta(model, stream, method=...)`` — online test-time adaptation (predict, then adapt, on a stream);
+* ``dfkt.compress(source_model, student, target, method=...)`` — both: a small student for a new domain.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from .registry import list_methods, method_table, register
 # The method packages register their methods when imported; the registry imports them at its first lookup
 # (so `import dfkt.registry` imports no method module). `dfkt.distill` is the DFKD package itself, callable
 # as the API function (see dfkt/distill/__init__.py): the name is bound once, by the import system.
-registry.provide("dfkt.distill", "dfkt.sfda", "dfkt.online")
-_LAZY = {"tta": "dfkt.online.api", "TTAResult": "dfkt.online.api", "Stream": "dfkt.online.stream"}
+registry.provide("dfkt.distill", "dfkt.sfda", "dfkt.online", "dfkt.compression")
+_LAZY = {"tta": "dfkt.online.api", "TTAResult": "dfkt.online.api", "Stream": "dfkt.online.stream",
+         "compress": "dfkt.compression.api", "CompressResult": "dfkt.compression.api"}
 
 
 def __getattr__(name: str):
-    """``dfkt.distill`` (the package, callable) and the online TTA names, imported on first use."""
+    """``dfkt.distill`` (the package, callable), the online TTA and the compress names, imported on first use."""
     if name == "distill":
         return importlib.import_module("dfkt.distill")
     if name in _LAZY:
@@ -37,7 +39,7 @@ def __getattr__(name: str):
 
 
 __version__ = "0.1.0"
-__all__ = ["adapt", "distill", "tta", "load", "export", "list_methods", "method_table", "register", "train_supervised", "Result", "TrainConfig",
+__all__ = ["adapt", "distill", "tta", "compress", "CompressResult", "load", "export", "list_methods", "method_table", "register", "train_supervised", "Result", "TrainConfig",
            "Stream", "TTAResult",
            "DfktError", "ConfigError", "DataError", "ModelError", "CheckpointError", "NonFiniteError"]
 

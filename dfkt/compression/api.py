@@ -1,0 +1,232 @@
+"""``dfkt.compress``: a source model + unlabeled target images -> a small student for the target.
+
+A recipe (registered with task ``compress``) is a short sequence of stages, each one the library's own:
+
+* ``job.adapt(model)``: SFDA of a model on the target (:func:`dfkt.adapt`, collapse guard included);
+* ``job.distil_on_target(teacher, student)``: the teacher's predictions on the real target images into the
+  student (:class:`dfkt.compression.student.TargetKD`, the one loop);
+* ``job.distil_data_free(teacher, student)``: data-free distillation (:func:`dfkt.distill`).
+
+Target labels, where the target has them, only score the stages (``acc``); nothing trains or selects on them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .. import api
+from ..config import from_dict, to_dict
+from ..core import distributed as dist
+from ..core.checkpoint import save_model
+from ..core.context import Context, TrainConfig
+from ..core.evaluate import evaluate
+from ..errors import ConfigError, DataError, ModelError, suggest
+from ..models.split import num_classes_of
+from ..registry import get_method
+from .student import TargetKD, TargetKDOptions
+
+log = logging.getLogger("dfkt")
+
+DEFAULT = "adapt-kd-st"
+
+# TrainConfig keys that apply to every stage of a recipe; the stages' own epochs, lr... are recipe options
+COMMON_TRAIN_KEYS = ("seed", "device", "amp", "num_workers", "progress", "on_collapse", "max_bad_steps",
+                     "neighbour_index")
+
+
+@dataclass
+class CompressResult(api.Result):
+    """A compress run: ``model`` is the student; ``metrics`` hold ``acc`` (the student on the target or
+    ``eval_data``, where labelled), ``teacher_acc`` (the adapted teacher, for recipes that adapt it),
+    ``ref_acc`` (the unadapted source model), ``student_params``, ``teacher_params``; ``stages`` one row
+    per stage (name, method, wall_s, acc)."""
+
+    teacher: Optional[nn.Module] = None
+    stages: list[dict] = field(default_factory=list)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@dataclass
+class Job:
+    """What a recipe works with: the caller's models (never modified), the target, the common settings."""
+
+    source: nn.Module
+    student: nn.Module
+    target: Any
+    eval_data: Any
+    train: dict                     # the COMMON_TRAIN_KEYS given
+    input_shape: tuple
+    stages: list[dict] = field(default_factory=list)
+
+    def _record(self, stage: str, method: str, res: api.Result) -> api.Result:
+        self.stages.append({"stage": stage, "method": method, "wall_s": round(res.wall_s, 3),
+                            "acc": res.metrics.get("acc")})
+        return res
+
+    def adapt(self, model: nn.Module, method: str, options: dict, stage: str = "adapt") -> api.Result:
+        """SFDA of ``model`` on the target (the guarded model comes back)."""
+        res = api.adapt(model, self.target, method=method, eval_data=self.eval_data, train=dict(self.train),
+                        **options)
+        return self._record(stage, method, res)
+
+    def distil_on_target(self, teacher: nn.Module, student: nn.Module, options: TargetKDOptions,
+                         epochs: int, lr: float, batch_size: int, min_steps: int = 0,
+                         stage: str = "distil") -> api.Result:
+        """The teacher's predictions on the target images into the student (TargetKD), for ``epochs`` passes
+        over the target or at least ``min_steps`` steps."""
+        per_epoch = max(1, math.ceil(len(self.target) / batch_size))
+        epochs = max(epochs, math.ceil(min_steps / per_epoch))
+        tc = from_dict(TrainConfig, {**self.train, "epochs": epochs, "lr": lr, "batch_size": batch_size},
+                       "train").resolved(TargetKD.defaults)
+        tc.eval_every = max(1, epochs // 3)
+        device, rng = api._prepare(tc, None)
+        teacher = api._own_copy(teacher, device, self.input_shape, "teacher", trains=False, warn=False)
+        learner = api._own_copy(student, device, self.input_shape, "student", warn=False)
+        ctx = Context(learner=learner, teacher=teacher, train=tc, device=device, num_classes=num_classes_of(teacher),
+                      input_shape=self.input_shape, target=self.target, rng=rng)
+        view = getattr(self.target, "eval_view", None)
+        scored = self.eval_data if self.eval_data is not None else (self.target if view is None else view)
+        res = api._run(TargetKD, ctx, options, lambda m: evaluate(m, scored, device), None, False,
+                       {"target": getattr(self.target, "name", type(self.target).__name__)})
+        return self._record(stage, TargetKD.name, res)
+
+    def distil_data_free(self, teacher: nn.Module, student: nn.Module, method: str, options: dict,
+                         time_budget_s: float, stage: str = "distil-data-free") -> api.Result:
+        """Data-free distillation of ``teacher`` into ``student`` (no target image is used)."""
+        train = {**self.train, "time_budget_s": time_budget_s}
+        res = api.distill(teacher, student, method=method, input_shape=self.input_shape, train=train,
+                          eval_data=self.eval_data if self.eval_data is not None else self.target, **options)
+        return self._record(stage, method, res)
+
+
+class Recipe:
+    """Base of the compress recipes: ``Options`` (a dataclass) and ``run(job) -> (student result,
+    adapted-teacher result or None)``."""
+
+    name: ClassVar[str] = "?"
+    task: ClassVar[str] = "compress"
+    Options: ClassVar[type]
+
+    def __init__(self, opts: Any):
+        self.opts = opts
+
+    def run(self, job: Job) -> tuple[api.Result, Optional[api.Result]]:
+        raise NotImplementedError
+
+
+def _check_target(target) -> None:
+    from ..core.loader import dataset_len
+
+    dataset_len(target)
+    if api._tensor_pair(target):
+        return
+    item = target[0]
+    if not (isinstance(item, (tuple, list)) and len(item) == 3):
+        got = f"{type(item).__name__} of length {len(item) if isinstance(item, (tuple, list)) else 1}"
+        raise DataError(f"dfkt.compress reads the target as (x, y, index) samples (the index addresses each "
+                        f"image's teacher prediction and pseudo-label), but it yields {got}. Wrap it: "
+                        f"dfkt.data.IndexedDataset(target) (y = -1 where there are no labels).")
+
+
+def _common_train(train, recipe: type) -> dict:
+    d = to_dict(train) if dataclasses.is_dataclass(train) else dict(train or {})
+    if dataclasses.is_dataclass(train):     # a TrainConfig: keep what was set (None = the stages' defaults)
+        d = {k: v for k, v in d.items() if k in COMMON_TRAIN_KEYS}
+    bad = [k for k in d if k not in COMMON_TRAIN_KEYS]
+    if bad:
+        fields = {f.name for f in dataclasses.fields(recipe.Options)}
+        raise ConfigError(f"train.{bad[0]} does not apply to a compress run as a whole: each stage has its own "
+                          f"settings, set as recipe {recipe.name!r} options ({', '.join(sorted(fields))})."
+                          + suggest(bad[0], sorted(fields)) + f" Common settings: {', '.join(COMMON_TRAIN_KEYS)}.")
+    return d
+
+
+def compress(source_model: nn.Module, student: nn.Module, target, method: str = DEFAULT, *,
+             num_classes: int | None = None, eval_data=None, train: TrainConfig | dict | None = None,
+             out: str | Path | None = None, **options: Any) -> CompressResult:
+    """Source-free compression: a ``student`` for the unlabeled ``target``, from ``source_model`` alone.
+
+    ``student`` is any classifier for the same classes (normally smaller: a larger one is allowed, with a
+    warning); it is trained from its given weights. ``target`` yields ``(x, y, index)`` (``y`` only scores).
+    ``method``: a compress recipe (``dfkt list --task compress``); the default, ``adapt-kd-st``, adapts the
+    source model (SFDA, collapse guard) and distils it into the student on the target images with the
+    student's own self-training terms. ``options``: the recipe's options (e.g. ``adapt='shot'``,
+    ``student_epochs=30``) and the settings every stage shares (``seed``, ``device``, ``progress``,
+    ``on_collapse``...). Neither model is modified. Returns a :class:`CompressResult`.
+    """
+    cls = get_method(method, task="compress")
+    train_d = _common_train(train, cls)
+    opt_fields = {f.name for f in dataclasses.fields(cls.Options)}
+    method_d = {}
+    for k, v in options.items():
+        if k in opt_fields:
+            method_d[k] = v
+        elif k in COMMON_TRAIN_KEYS:
+            train_d[k] = v
+        else:
+            raise ConfigError(f"unknown option {k!r} for compress recipe {cls.name!r}."
+                              + suggest(k, sorted(opt_fields | set(COMMON_TRAIN_KEYS)))
+                              + f" Recipe options: {', '.join(sorted(opt_fields))}; settings of every stage: "
+                                f"{', '.join(COMMON_TRAIN_KEYS)}.")
+    opts = from_dict(cls.Options, method_d, f"{cls.name} options")
+    from_dict(TrainConfig, train_d, "train")            # types checked before any work
+    for role, m in (("source model", source_model), ("student", student)):
+        if not isinstance(m, nn.Module):
+            raise ModelError(f"the {role} must be a torch nn.Module, got {type(m).__name__}.")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out={str(out)!r} is an existing file; `out` names a folder (model.pt, teacher.pt go "
+                          f"in it): pass a folder path.")
+    _check_target(target)
+    shape = api._sample_shape(target)
+    device = torch.device("cpu")
+    src = api._own_copy(source_model, device, shape, "source model", trains=False)
+    stu = api._own_copy(student, device, shape, "student", warn=False)
+    t_cls, s_cls = num_classes_of(src), num_classes_of(stu)
+    api._check_classes(t_cls, "source model")
+    if s_cls != t_cls:
+        raise ModelError(f"the source model has {t_cls} classes but the student has {s_cls}; the student must "
+                         f"predict the same classes: build it with num_classes={t_cls}.")
+    if num_classes is not None and num_classes != t_cls:
+        raise ModelError(f"num_classes={num_classes} but the source model's head has {t_cls} outputs; fix "
+                         f"num_classes or use the right source model.")
+    n_target = getattr(target, "num_classes", 0) or 0
+    if n_target > t_cls:
+        raise ModelError(f"the target data set has {n_target} classes but the source model has {t_cls}; "
+                         f"compression here assumes the same label space (closed set).")
+    t_params, s_params = _params(src), _params(stu)
+    if s_params > t_params:
+        log.warning("the student has more parameters (%d) than the source model (%d): dfkt.compress runs, but "
+                    "the result is no compression; pass a smaller student", s_params, t_params)
+    del src, stu
+    job = Job(source=source_model, student=student, target=target, eval_data=eval_data, train=train_d,
+              input_shape=shape)
+    t0 = time.perf_counter()
+    ref = evaluate(api._own_copy(source_model, device, shape, "source model", trains=False, warn=False),
+                   eval_data if eval_data is not None else target, device)
+    student_res, teacher_res = cls(opts).run(job)
+    wall = time.perf_counter() - t0
+    metrics = dict(student_res.metrics)
+    metrics.update({"teacher_acc": teacher_res.metrics.get("acc") if teacher_res is not None else None,
+                    "ref_acc": ref.get("acc"), "student_params": s_params, "teacher_params": t_params})
+    cfg = {"method": cls.name, "task": "compress", "options": to_dict(opts), "train": train_d, "stages": job.stages}
+    path = None
+    if out is not None and dist.is_main():
+        out = Path(out)
+        path = save_model(out / "model.pt", student_res.model, method=cls.name, config=cfg, metrics=metrics)
+        if teacher_res is not None:
+            save_model(out / "teacher.pt", teacher_res.model, method=teacher_res.method, config=cfg,
+                       metrics=teacher_res.metrics)
+    return CompressResult(model=student_res.model, method=cls.name, history=student_res.history, metrics=metrics,
+                          config=cfg, wall_s=wall, path=path, guard=teacher_res.guard if teacher_res else None,
+                          teacher=teacher_res.model if teacher_res is not None else None, stages=job.stages)
