@@ -1,4 +1,4 @@
-"""Command line: ``dfkt demo | adapt | distill | tta | train-source | train-teacher | bench | list``."""
+"""Command line: ``dfkt demo | adapt | distill | compress | tta | train-source | train-teacher | bench | list``."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,49 @@ def cmd_distill(args) -> int:
                        num_classes=cfg.num_classes, eval_data=eval_data, train=cfg.train, out=cfg.out,
                        resume=args.resume, **cfg.options)
     _print_result(res)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compression.api import DEFAULT, compress
+
+    if args.resume or args.log_dir:
+        raise ConfigError(f"dfkt compress does not take {'--resume' if args.resume else '--log-dir'} (a compress run "
+                          f"is a few short stages, each started afresh); run it again without it.")
+    cfg = _load("compress", args)
+    seed = cfg.train.get("seed", 0)
+    if getattr(args, "device", None):
+        cfg.train["device"] = args.device
+    if getattr(args, "no_progress", False):
+        cfg.train["progress"] = False
+    if getattr(args, "out", None):
+        cfg.out = args.out
+    from .core.device import seed_everything
+
+    seed_everything(seed if isinstance(seed, int) else 0)   # the student's initial weights follow train.seed
+    method = cfg.method or DEFAULT
+    get_method(method, task="compress")          # fail fast, before any loading
+    if cfg.source_model:
+        if cfg.model.checkpoint and cfg.model.checkpoint != cfg.source_model:
+            raise ConfigError("compress config: give the source weights once: `source_model` or `model.checkpoint`.")
+        cfg.model.checkpoint = cfg.source_model
+    if cfg.model.arch is None and cfg.model.checkpoint is None:
+        raise ConfigError("compress config: give `source_model` (a dfkt model.pt) and/or `model`.")
+    if cfg.student.arch is None:
+        raise ConfigError("compress config: student needs `name` (a registry model, see `dfkt list`), `timm` or "
+                          "`torchvision`.")
+    source = cfg.model.build()
+    if "num_classes" not in (cfg.student.kwargs or {}) and cfg.model.arch:
+        cfg.student.num_classes = cfg.model.num_classes
+    student = cfg.student.build()
+    target = cfg.target.build(args.data_root)
+    eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
+    res = compress(source, student, target, method=method, eval_data=eval_data, train=cfg.train, out=cfg.out,
+                   **cfg.options)
+    _print_result(res)
+    for st in res.stages:
+        acc = f", acc {st['acc']:.2f} %" if isinstance(st.get("acc"), float) else ""
+        print(f"  stage {st['stage']} ({st['method']}): {st['wall_s']:.1f} s{acc}")
     return 0
 
 
@@ -287,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("adapt", help="source-free domain adaptation from a config"))
     common(sub.add_parser("distill", help="data-free distillation from a config"))
+    common(sub.add_parser("compress", help="source-free compression (adapt + distil into a small student) from a "
+                                           "config"))
     common(sub.add_parser("tta", help="online test-time adaptation on a stream from a config"))
     common(sub.add_parser("train-source", help="train a source model (SHOT's recipe: label smoothing 0.1)"))
     common(sub.add_parser("train-teacher", help="train a teacher (cross-entropy, cosine schedule)"))
@@ -325,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
-    handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "tta": cmd_tta, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
+    handlers = {"adapt": cmd_adapt, "distill": cmd_distill, "compress": cmd_compress, "tta": cmd_tta, "bench": cmd_bench, "demo": cmd_demo, "list": cmd_list,
                 "export": cmd_export,
                 "train-source": lambda a: cmd_train(a, True), "train-teacher": lambda a: cmd_train(a, False)}
     try:

@@ -1,4 +1,4 @@
-"""Run configs for the CLI (``dfkt adapt|distill|train-source|train-teacher CONFIG``).
+"""Run configs for the CLI (``dfkt adapt|distill|compress|train-source|train-teacher CONFIG``).
 
 Schema (YAML):
 
@@ -21,6 +21,17 @@ Schema (YAML):
     options: {}
     train: {}
     out: runs/dafl
+
+    # dfkt compress
+    method: adapt-kd-st                               # a compress recipe (dfkt list --task compress)
+    model: {name: shot-lenet, num_classes: 10}        # the source model's architecture ...
+    source_model: runs/source/model.pt               # ... and its trained weights
+    student: {name: digit-cnn, kwargs: {width: 16}}   # an untrained (or pretrained) smaller classifier
+    target: {domain: mnist10k, split: test, corruption: motion_blur, severity: 4}
+    eval: null                                        # optional, labelled, only to score
+    options: {adapt: nrc, student_epochs: 30}         # the recipe's options
+    train: {seed: 0, device: auto}                    # settings of every stage (seed, device, progress, ...)
+    out: runs/compress                                # model.pt (the student) and teacher.pt
 
     # dfkt train-source / train-teacher
     model: {name: shot-lenet, num_classes: 10}
@@ -240,6 +251,21 @@ class DistillConfig:
 
 
 @dataclass
+class CompressConfig:
+    target: DataRef
+    student: ModelRef
+    method: Optional[str] = None           # None: dfkt.compress's default recipe
+    model: ModelRef = field(default_factory=ModelRef)
+    source_model: Optional[str] = None
+    options: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)   # settings every stage shares (checked by dfkt.compress)
+    eval: Optional[DataRef] = None
+    out: Optional[str] = None
+    task: Literal["compress"] = "compress"
+    description: str = ""
+
+
+@dataclass
 class SupervisedConfig:
     model: ModelRef
     data: DataRef
@@ -251,5 +277,6 @@ class SupervisedConfig:
 
 
 def parse(kind: str, data: dict):
-    cls = {"adapt": AdaptConfig, "distill": DistillConfig, "supervised": SupervisedConfig}[kind]
+    cls = {"adapt": AdaptConfig, "distill": DistillConfig, "compress": CompressConfig,
+           "supervised": SupervisedConfig}[kind]
     return from_dict(cls, data, f"{kind} config")
