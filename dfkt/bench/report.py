@@ -101,9 +101,12 @@ def _threads_note(records: list[dict], env_threads) -> list[str]:
 
 
 def markdown(doc: dict) -> str:
+    from .compress import is_compress, markdown as compress_markdown
     from .scale import is_scale, markdown as scale_markdown
     from .tta import is_tta, markdown as tta_markdown
 
+    if is_compress(doc):
+        return compress_markdown(doc)
     if is_tta(doc):
         return tta_markdown(doc)
     if is_scale(doc):
@@ -195,9 +198,12 @@ def plots(doc: dict, out: Path) -> list[Path]:
     except ImportError:
         log.info("matplotlib not installed: no plots (pip install 'dfkt[plots]')")
         return []
+    from .compress import is_compress, plots as compress_plots
     from .scale import is_scale
     from .tta import is_tta, plots as tta_plots
 
+    if is_compress(doc):
+        return compress_plots(doc, out)
     if is_tta(doc):
         return tta_plots(doc, out)
     if is_scale(doc):

@@ -231,10 +231,11 @@ def _run_one(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: Pa
 
 def _task_runners() -> dict:
     """suite.task -> the function running one (task, method, seed); it returns a record (or a list of them)."""
+    from .compress import run_compress
     from .scale import run_scale
     from .tta import run_tta
 
-    return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta, "scale": run_scale}
+    return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta, "scale": run_scale, "compress": run_compress}
 
 
 def _worker_init(threads: int) -> None:
@@ -248,7 +249,7 @@ def _worker_run(args: tuple) -> tuple[dict, int]:
 def _base_model(suite: Suite, task: TaskSpec, name: str, seed: int) -> tuple[ModelRecipe, int]:
     """The cached model a run starts from: (recipe, seed) of the SFDA/TTA source model or of the DFKD
     teacher; one per seed, trained with that seed (a DFKD result must hold for any teacher)."""
-    if suite.task in ("sfda", "tta"):
+    if suite.task in ("sfda", "tta", "compress"):
         return _source_recipe(suite, task), seed
     run = suite.methods[name]
     return suite.teachers[run.teacher or next(iter(suite.teachers))], seed

@@ -3,7 +3,8 @@
 An SFDA suite trains (and caches) one source model per (source domain, seed) and adapts it to each
 target with each method; a DFKD suite trains (and caches) teachers and distils them into students; a
 TTA suite adapts the cached source models online on corruption streams (dfkt/bench/tta.py); a scale
-suite times neighbour search on synthetic feature banks (dfkt/bench/scale.py).
+suite times neighbour search on synthetic feature banks (dfkt/bench/scale.py); a compress suite compresses
+the cached source models into small students for each target (dfkt/bench/compress.py).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class TaskSpec:
     overrides: Optional[dict] = None                   # refused: see validate()
     stream: Optional[StreamSpec] = None                # TTA: corruptions, severity, protocol of the stream
     scale: Optional[ScaleSpec] = None                  # scale: the synthetic feature bank (dfkt/bench/scale.py)
+    student: Optional[str] = None                      # compress: key into the suite's `students`
 
     def validate(self, where: str = "task") -> None:
         if self.overrides is not None:
@@ -71,6 +73,14 @@ class TaskSpec:
                 f"settings), so that no figure comes from settings tuned to its task. Remove `overrides`; to "
                 f"compare other settings, add a named variant under `methods:` (e.g. `shot-b03: {{method: "
                 f"shot, options: {{beta: 0.3}}}}`), which runs the same way on every task.")
+
+
+@dataclass
+class StudentSpec:
+    """A compress suite's student: a registry model, built untrained with the run's seed."""
+
+    model: str
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -84,7 +94,7 @@ class QuickSpec:
 @dataclass
 class Suite:
     suite: str
-    task: Literal["sfda", "dfkd", "tta", "scale"]
+    task: Literal["sfda", "dfkd", "tta", "scale", "compress"]
     methods: dict[str, MethodRun]
     tasks: list[TaskSpec]
     seeds: int = 3
@@ -92,6 +102,7 @@ class Suite:
     source: Optional[ModelRecipe] = None               # SFDA source recipe
     teachers: dict[str, ModelRecipe] = field(default_factory=dict)   # DFKD
     student: Optional[str] = None                      # DFKD default student model name
+    students: dict[str, StudentSpec] = field(default_factory=dict)   # compress: untrained students by key
     input_shape: Optional[list[int]] = None            # DFKD
     num_classes: int = 10
     quick: QuickSpec = field(default_factory=QuickSpec)
@@ -116,8 +127,14 @@ class Suite:
         if self.task == "tta":
             from .tta import validate
             validate(self)
-        if self.task == "sfda" and self.source is None:
-            raise ConfigError(f"suite {self.suite!r}: an sfda suite needs a `source` recipe.")
+        if self.task in ("sfda", "compress") and self.source is None:
+            raise ConfigError(f"suite {self.suite!r}: an {self.task} suite needs a `source` recipe.")
+        if self.task == "compress":
+            for t in self.tasks:
+                if t.student not in self.students:
+                    raise ConfigError(f"suite {self.suite!r}: compress task {t.name!r} needs `student:` one of the "
+                                      f"suite's students ({', '.join(self.students) or 'none defined'}), got "
+                                      f"{t.student!r}." + (suggest(t.student, self.students) if t.student else ""))
         if self.task == "dfkd":
             if not self.teachers or not self.input_shape:
                 raise ConfigError(f"suite {self.suite!r}: a dfkd suite needs `teachers` and `input_shape`.")
