@@ -15,7 +15,7 @@ from .student import TargetKDOptions
 
 @register("baseline-a", task="compress", family="compress")
 class AdaptThenDistil(Recipe):
-    """Adapt, then distil: the source model is adapted to the target (SFDA), then distilled into the student on the target images (plain KD)."""
+    """Adapt, then distil (dfkt): the source model is adapted to the target (SFDA), then distilled into the student on the target images (plain KD)."""
 
     Options = StageOptions
 
@@ -45,7 +45,7 @@ class DataFreeOptions(StageOptions):
 
 @register("baseline-b", task="compress", family="compress")
 class DataFreeThenAdapt(Recipe):
-    """Distil data-free, then adapt: the source model is distilled into the student without data (DFKD), then the student is adapted to the target (SFDA)."""
+    """Distil data-free, then adapt (dfkt): the source model is distilled into the student without data (DFKD), then the student is adapted to the target (SFDA)."""
 
     Options = DataFreeOptions
 
@@ -57,7 +57,7 @@ class DataFreeThenAdapt(Recipe):
 
 @register("baseline-c", task="compress", family="compress")
 class DistilThenAdapt(Recipe):
-    """Distil on the target, then adapt: the unadapted source model is distilled into the student on the target images, then the student is adapted (SFDA)."""
+    """Distil on the target, then adapt (dfkt): the unadapted source model is distilled into the student on the target images, then the student is adapted (SFDA)."""
 
     Options = StageOptions
 
