@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-import torch
 from torch import nn
 
 from .. import api
@@ -27,6 +26,7 @@ from ..config import from_dict, to_dict
 from ..core import distributed as dist
 from ..core.checkpoint import save_model
 from ..core.context import Context, TrainConfig
+from ..core.device import resolve_device
 from ..core.evaluate import evaluate
 from ..errors import ConfigError, DataError, ModelError, suggest
 from ..models.split import num_classes_of
@@ -189,7 +189,7 @@ def compress(source_model: nn.Module, student: nn.Module, target, method: str = 
                           f"in it): pass a folder path.")
     _check_target(target)
     shape = api._sample_shape(target)
-    device = torch.device("cpu")
+    device = resolve_device(train_d.get("device", "auto"))
     src = api._own_copy(source_model, device, shape, "source model", trains=False)
     stu = api._own_copy(student, device, shape, "student", warn=False)
     t_cls, s_cls = num_classes_of(src), num_classes_of(stu)
