@@ -13,6 +13,7 @@ import dfkt
 from dfkt.core.evaluate import evaluate
 from dfkt.core.hooks import BNStatsRecorder
 from dfkt.data import get_domain
+from dfkt.distill.generative import GeneratorSynthesizer
 from dfkt.distill.pixels import PixelSynthesizer
 from dfkt.models import build_model
 from dfkt.registry import get_method
@@ -55,11 +56,12 @@ def _spy(monkeypatch, cls, name: str) -> list:
 
 
 def test_reconstruction_family_reuses_the_dfkd_synthesizers():
-    from dfkt.sfda import impressions, reconstruction
+    from dfkt.sfda import impressions, reconstruction, threec_gan
     from dfkt import distill
 
-    assert {n for n in dfkt.list_methods("sfda", family="reconstruction")} >= {"impressions"}
+    assert {n for n in dfkt.list_methods("sfda", family="reconstruction")} >= {"impressions", "3c-gan"}
     assert impressions.PixelSynthesizer is distill.pixels.PixelSynthesizer
+    assert threec_gan.GeneratorSynthesizer is distill.generative.GeneratorSynthesizer
     assert reconstruction.SynthEnv is distill.synthesis.SynthEnv
 
 
@@ -75,11 +77,22 @@ def test_impressions_improves_over_source_only(source_model, target, source_acc,
     assert not res.guard["fired"]
 
 
-@pytest.mark.parametrize("method", ["impressions"])
+def test_threec_gan_improves_over_source_only(source_model, target, source_acc, monkeypatch):
+    synth = _spy(monkeypatch, GeneratorSynthesizer, "synthesize")
+    res = dfkt.adapt(source_model, target, method="3c-gan", epochs=4, g_warmup=100, **CPU)
+    assert res.acc >= source_acc + 5, (res.acc, source_acc)
+    steps = res.history.last["step"]
+    assert len(synth) == 100 + steps                  # the warm-up, then one generator round per adaptation step
+    assert res.history.last["gen_agree"] > 0.3        # the generator draws images of the classes it is asked for
+    assert {"gen", "wreg", "clu", "sem", "g_adv", "d"} <= set(res.history.last)
+    assert not res.guard["fired"]
+
+
+@pytest.mark.parametrize("method", ["impressions", "3c-gan"])
 def test_reconstruction_resume_is_exact(method, source_model, target, tmp_path, monkeypatch):
-    """The impressions pool is tracked: a run killed
+    """The impressions pool / the generator, its discriminator and their optimisers are tracked: a run killed
     after epoch 1 and resumed ends with the same weights."""
-    kw = dict(method=method, epochs=2, **CPU)
+    kw = dict(method=method, epochs=2, **({"g_warmup": 20} if method == "3c-gan" else {}), **CPU)
     full, res = kill_and_resume(lambda **more: dfkt.adapt(source_model, target, **kw, **more), get_method(method),
                                 tmp_path, monkeypatch)
     assert len(res.history.records) == 2
