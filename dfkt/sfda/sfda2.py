@@ -124,7 +124,8 @@ class SFDA2(BankMethod):
     64.6 / 83.5 / 79.8 / 64.6 (rolled back), zigzag@4 62.9 / 72.0 / 70.4 / 62.9 (rolled back),
     uci->mnist 51.2 / 68.9 / 62.3 / 49.8). At the defaults, the other dev tasks (source-only / sfda2):
     gaussian_noise@5 90.6 / 95.1, contrast@3 16.5 / 74.9, rotate@4 69.9 / 75.9, scale@4 63.6 / 96.0,
-    shapes->contrast@3 51.2 / 93.0; on invert (20.8) the run collapses from epoch 1 (10.9 % at the end)
+    shapes->contrast@3 51.2 / 93.0, mnist->uci 77.4 / 96.6, shapes->gaussian_noise@4 83.0 / 98.2,
+    shapes->rotate@3 78.6 / 79.6; on invert (20.8) the run collapses from epoch 1 (10.9 % at the end)
     and the guard returns the source model. The head must be a linear layer (``dfkt.models.split``
     guarantees it); the covariances cost C x D x D floats (10 x 256 x 256 here, 345 x 256 x 256 = 90 MB
     for DomainNet).
