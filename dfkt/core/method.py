@@ -35,7 +35,32 @@ class NoOptions:
     """A method without options of its own."""
 
 
-class Method(abc.ABC):
+class Tracked:
+    """Parts registered with ``track`` (objects with state_dict, or tensors) make up ``state_dict``: the one
+    resume mechanism of methods and DFKD synthesizers/objectives."""
+
+    def track(self, name: str, obj: Any) -> Any:
+        """Register an object with ``state_dict``/``load_state_dict`` (or a tensor) for resume."""
+        self.__dict__.setdefault("_tracked", {})[name] = obj
+        return obj
+
+    def state_dict(self) -> dict:
+        out = {}
+        for k, v in self.__dict__.get("_tracked", {}).items():
+            out[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.__dict__.get("_tracked", {}).items():
+            if k not in state:
+                continue
+            if isinstance(v, torch.Tensor):
+                v.copy_(state[k].to(v.device))
+            else:
+                v.load_state_dict(state[k])
+
+
+class Method(Tracked, abc.ABC):
     name: ClassVar[str] = "?"
     task: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
@@ -68,26 +93,6 @@ class Method(abc.ABC):
         """The trained model to evaluate and deploy."""
         return self.ctx.learner
 
-    # -- state ---------------------------------------------------------------------------------------
-    def track(self, name: str, obj: Any) -> Any:
-        """Register an object with ``state_dict``/``load_state_dict`` (or a tensor) for resume."""
-        self._tracked[name] = obj
-        return obj
-
-    def state_dict(self) -> dict:
-        out = {}
-        for k, v in self._tracked.items():
-            out[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in self._tracked.items():
-            if k not in state:
-                continue
-            if isinstance(v, torch.Tensor):
-                v.copy_(state[k].to(v.device))
-            else:
-                v.load_state_dict(state[k])
 
 
 def poly_decay(optimizer: torch.optim.Optimizer, total_steps: int, gamma: float = 10.0,

@@ -21,6 +21,7 @@ from torch import nn
 from ..core import distributed as dist
 from ..core.buffers import RingBuffer
 from ..core.context import Context
+from ..core.method import Tracked  # noqa: F401  (re-exported: the synthesizers track their state with it)
 
 
 @runtime_checkable
@@ -83,29 +84,6 @@ class SynthEnv:
 
     def labels(self, n: int, num_classes: int | None = None) -> torch.Tensor:
         return balanced_labels(n, num_classes or self.ctx.num_classes, self.device, self.rng)
-
-
-class Tracked:
-    """Parts registered with ``track`` (objects with state_dict, or tensors) make up ``state_dict``."""
-
-    def track(self, name: str, obj: Any) -> Any:
-        self.__dict__.setdefault("_tracked", {})[name] = obj
-        return obj
-
-    def state_dict(self) -> dict:
-        out = {}
-        for k, v in self.__dict__.get("_tracked", {}).items():
-            out[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in self.__dict__.get("_tracked", {}).items():
-            if k not in state:
-                continue
-            if isinstance(v, torch.Tensor):
-                v.copy_(state[k].to(v.device))
-            else:
-                v.load_state_dict(state[k])
 
 
 def objective_hook(objective: Any, name: str, *args) -> None:

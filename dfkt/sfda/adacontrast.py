@@ -76,8 +76,7 @@ class AdaContrast(BankMethod):
     @torch.no_grad()
     def refine(self, feats: torch.Tensor) -> torch.Tensor:
         """Soft kNN vote: mean bank probability of the K nearest bank rows (cosine) -> pseudo-labels."""
-        _, idx = self.index.search(F.normalize(feats.float(), dim=1), self.opts.K)
-        return self.score_bank[idx].mean(1).argmax(1)
+        return self.knn_vote(feats, self.opts.K).argmax(1)
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         o, ctx = self.opts, self.ctx

@@ -47,6 +47,12 @@ class BankMethod(SFDAMethod):
         super().epoch_begin(epoch)
         self.index.reset()
 
+    @torch.no_grad()
+    def knn_vote(self, feats: torch.Tensor, k: int) -> torch.Tensor:
+        """Soft kNN vote: the mean bank probability of the ``k`` nearest bank rows (cosine) of each feature."""
+        _, idx = self.index.search(F.normalize(feats.float(), dim=1), k)
+        return self.score_bank[idx].mean(1)
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.index.reset()                        # resumed banks: the index is rebuilt from them

@@ -114,8 +114,7 @@ class PLUE(BankMethod):
     @torch.no_grad()
     def refine(self, feats: torch.Tensor) -> torch.Tensor:
         """The refined prediction: mean bank probability of the K nearest bank rows (cosine)."""
-        _, idx = self.index.search(F.normalize(feats.float(), dim=1), self.opts.K)
-        return self.score_bank[idx].mean(1)
+        return self.knn_vote(feats, self.opts.K)
 
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
         o, ctx = self.opts, self.ctx
