@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 import dfkt
+from helpers.harness import digits_source
 from dfkt.core.checkpoint import save_model
 from dfkt.core.evaluate import evaluate
 from dfkt.data import get_domain
@@ -28,12 +29,7 @@ TINY = {"adapt": "source-only", "student_epochs": 1, "student_min_steps": 1}
 
 @pytest.fixture(scope="module")
 def source_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model("shot-lenet", num_classes=10)
-    tr = get_domain("digits", split="source_train")
-    va = get_domain("digits", split="source_val")
-    res = dfkt.train_supervised(model, tr, va, smoothing=0.1, epochs=6, lr=0.01, batch_size=64, seed=0, **CPU)
-    return res.model.eval()
+    return digits_source().model
 
 
 @pytest.fixture(scope="module")

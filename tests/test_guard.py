@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dfkt
+from helpers.harness import digits_source
 from dfkt.core.guard import CollapseGuard, GuardPolicy, Reference, _class_ranks
 from dfkt.data import ArrayDataset, get_domain
 from dfkt.errors import CollapseError
@@ -20,12 +21,7 @@ COLLAPSE = {"method": "shot-im", "gent": False, "anchor": 0.0, "lr": 0.1, "epoch
 
 @pytest.fixture(scope="module")
 def source_model():
-    torch.manual_seed(0)
-    model = build_model("shot-lenet", num_classes=10)
-    res = dfkt.train_supervised(model, get_domain("digits", split="source_train"),
-                                get_domain("digits", split="source_val"), smoothing=0.1, epochs=6, lr=0.01,
-                                batch_size=64, seed=0, **CPU)
-    return res.model.eval()
+    return digits_source().model
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from dfkt.errors import ConfigError, DataError, ModelError
 from dfkt.models import build_model
 from dfkt.sfda import clustering_pseudo_labels, propagate_labels, select_epoch
 from dfkt.sfda.common import batch_knn, strong_augment
-from helpers.harness import assert_same_weights, kill_and_resume
+from helpers.harness import assert_same_weights, kill_and_resume, digits_source
 
 CPU = {"device": "cpu", "progress": False}
 SHIFT = {"corruption": "contrast", "severity": 3}   # source-only ~79 %
@@ -32,13 +32,9 @@ SHIFT = {"corruption": "contrast", "severity": 3}   # source-only ~79 %
 @pytest.fixture(scope="session")
 def source_model() -> nn.Module:
     """shot-lenet trained once per session on 90 % of the UCI digits (SHOT's recipe, 6 epochs)."""
-    torch.manual_seed(0)
-    model = build_model("shot-lenet", num_classes=10)
-    tr = get_domain("digits", split="source_train")
-    va = get_domain("digits", split="source_val")
-    res = dfkt.train_supervised(model, tr, va, smoothing=0.1, epochs=6, lr=0.01, batch_size=64, seed=0, **CPU)
+    res = digits_source()
     assert res.metrics["val_acc"] > 85
-    return res.model.eval()
+    return res.model
 
 
 @pytest.fixture(scope="session")

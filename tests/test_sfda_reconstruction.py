@@ -17,7 +17,7 @@ from dfkt.distill.generative import GeneratorSynthesizer
 from dfkt.distill.pixels import PixelSynthesizer
 from dfkt.models import build_model
 from dfkt.registry import get_method
-from helpers.harness import assert_same_weights, kill_and_resume
+from helpers.harness import assert_same_weights, kill_and_resume, digits_source
 
 CPU = {"device": "cpu", "progress": False}
 
@@ -25,12 +25,7 @@ CPU = {"device": "cpu", "progress": False}
 @pytest.fixture(scope="module")
 def source_model() -> nn.Module:
     """shot-lenet trained on 90 % of the UCI digits (SHOT's recipe, 6 epochs), as in test_sfda."""
-    torch.manual_seed(0)
-    model = build_model("shot-lenet", num_classes=10)
-    res = dfkt.train_supervised(model, get_domain("digits", split="source_train"),
-                                get_domain("digits", split="source_val"), smoothing=0.1, epochs=6, lr=0.01,
-                                batch_size=64, seed=0, **CPU)
-    return res.model.eval()
+    return digits_source().model
 
 
 @pytest.fixture(scope="module")

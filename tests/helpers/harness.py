@@ -1,9 +1,11 @@
-"""Harnesses several test files share: kill a run part-way and resume it, and run a tiny bench suite.
+"""Harnesses several test files share: kill a run part-way and resume it, run a tiny bench suite, and the
+digits source model most SFDA tests adapt.
 
-    from helpers.harness import kill_and_resume, assert_same_weights, run_suite, publish_section
+    from helpers.harness import kill_and_resume, assert_same_weights, run_suite, publish_section, digits_source
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -79,3 +81,19 @@ def publish_section(tmp_path: Path, doc: dict, out: Path) -> str:
     assert f"<!-- suite:{doc['suite']} -->" in text
     assert (tmp_path / "results" / doc["suite"] / "results.json").exists()
     return text
+
+
+@functools.cache
+def digits_source():
+    """shot-lenet trained once per test session on 90 % of the UCI digits (SHOT's recipe, 6 epochs, seed 0):
+    the training result (``.model`` in eval mode). Tests must not modify the model (dfkt.adapt copies it)."""
+    import dfkt
+    from dfkt.data import get_domain
+    from dfkt.models import build_model
+    torch.manual_seed(0)
+    model = build_model("shot-lenet", num_classes=10)
+    res = dfkt.train_supervised(model, get_domain("digits", split="source_train"),
+                                get_domain("digits", split="source_val"), smoothing=0.1, epochs=6, lr=0.01,
+                                batch_size=64, seed=0, device="cpu", progress=False)
+    res.model.eval()
+    return res
