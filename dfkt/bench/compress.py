@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import compression
 from ..errors import ConfigError
 from ..models import build_model
-from .report import _f, _mean_std, _threads_note
+from .report import _f, _mean_std, header
 
 BASELINE_A = "baseline-a"
 
@@ -106,13 +106,7 @@ def floors(rows: list[dict], recipe: str = compression.DEFAULT) -> list[str]:
 
 def markdown(doc: dict) -> str:
     recs = [r for r in doc["records"] if r.get("task") == "compress"]
-    env = doc.get("env", {})
-    out = [f"# Suite `{doc['suite']}`{' (quick)' if doc.get('quick') else ''}", ""]
-    if doc.get("command"):
-        out += ["Command:", "", f"    {doc['command']}", ""]
-    out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
-            f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}."]
-    out += _threads_note(recs, env.get("torch_threads"))
+    out = header(doc, recs)
     out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command; {len(recs)} runs.", ""]
     rows = summary(recs)
     out += ["## Summary over tasks", "",

@@ -100,6 +100,17 @@ def _threads_note(records: list[dict], env_threads) -> list[str]:
     return ["Torch threads the runs were timed with, per task (not all as above): " + "; ".join(parts) + "."]
 
 
+def header(doc: dict, records: list[dict]) -> list[str]:
+    """The lines every suite report starts with: title, command, environment and the threads note."""
+    env = doc.get("env", {})
+    out = [f"# Suite `{doc['suite']}`{' (quick)' if doc.get('quick') else ''}", ""]
+    if doc.get("command"):
+        out += ["Command:", "", f"    {doc['command']}", ""]
+    out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
+            f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}."]
+    return out + _threads_note(records, env.get("torch_threads"))
+
+
 def markdown(doc: dict) -> str:
     from .compress import is_compress, markdown as compress_markdown
     from .scale import is_scale, markdown as scale_markdown
@@ -112,13 +123,7 @@ def markdown(doc: dict) -> str:
     if is_scale(doc):
         return scale_markdown(doc)
     rows = summarize(doc["records"])
-    env = doc.get("env", {})
-    out = [f"# Suite `{doc['suite']}`{' (quick)' if doc.get('quick') else ''}", ""]
-    if doc.get("command"):
-        out += ["Command:", "", f"    {doc['command']}", ""]
-    out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
-            f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}."]
-    out += _threads_note(doc["records"], env.get("torch_threads"))
+    out = header(doc, doc["records"])
     total = sum(r.get("wall_s") or 0.0 for r in doc["records"])
     out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command (runs kept by `--resume` are "
             f"not re-timed); method time summed over all {len(doc['records'])} runs: {total:.1f} s (cached source "

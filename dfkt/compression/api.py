@@ -11,6 +11,7 @@ Target labels, where the target has them, only score the stages (``acc``); nothi
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -110,7 +111,7 @@ class Job:
         return self._record(stage, method, res)
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """Base of the compress recipes: ``Options`` (a dataclass) and ``run(job) -> (student result,
     adapted-teacher result or None)``."""
 
@@ -121,8 +122,9 @@ class Recipe:
     def __init__(self, opts: Any):
         self.opts = opts
 
+    @abc.abstractmethod
     def run(self, job: Job) -> tuple[api.Result, Optional[api.Result]]:
-        raise NotImplementedError
+        """Chain the stages on ``job``; return the student's result and the adapted teacher's (or None)."""
 
 
 def _check_target(target) -> None:
