@@ -13,7 +13,10 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_OUT (default bench-out/gpu-check),
 # GPU_CHECK_SKIP_INSTALL=1, GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_SKIP_DEMO=1 (skip those stages),
-# GPU_CHECK_PUBLISH=1 (update benchmarks/RESULTS.md).
+# GPU_CHECK_PUBLISH=1 (update benchmarks/RESULTS.md), GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g.
+# "-n 8" with pytest-xdist on a many-core GPU machine), GPU_CHECK_TESTS_TIMEOUT (seconds; the suite is
+# stopped after that and counted as failed, so the throughput figures still come out of a short lease).
+# A machine with no network: GPU_CHECK_SKIP_INSTALL=1 with PYTHONPATH pointing at this checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,8 +39,12 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
 fi
 if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
     echo "gpu-check: [2/4] test suite with DFKT_TEST_DEVICE=cuda (log: $OUT/tests.log)"
-    DFKT_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
-    echo $? > "$OUT/tests.rc"
+    # shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a word list on purpose
+    DFKT_TEST_DEVICE=cuda timeout "${GPU_CHECK_TESTS_TIMEOUT:-0}" "$PY" -m pytest -q -p no:cacheprovider \
+        ${GPU_CHECK_PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    rc=$?
+    [ "$rc" = 124 ] && echo "gpu-check: the test suite was stopped after ${GPU_CHECK_TESTS_TIMEOUT}s (GPU_CHECK_TESTS_TIMEOUT)" >> "$OUT/tests.log"
+    echo "$rc" > "$OUT/tests.rc"
     tail -n 3 "$OUT/tests.log"
 fi
 if [ -z "${GPU_CHECK_SKIP_DEMO:-}" ]; then

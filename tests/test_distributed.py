@@ -102,7 +102,8 @@ def ddp(tmp_path_factory) -> dict:
             {"name": "bench", "kind": "bench", "suite": str(suite)}]
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp / "out"), "runs": runs}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # DFKT_DEVICE=cpu: these runs are the gloo/CPU check even under DFKT_TEST_DEVICE=cuda (2 ranks, maybe 1 GPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DFKT_DEVICE": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         str(HELPER), str(spec)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]

@@ -65,3 +65,18 @@ def test_auto_device_follows_dfkt_device(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setenv("DFKT_DEVICE", "meta")
     assert resolve_device("auto") == torch.device("meta") and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun with more processes per node than GPUs: an error naming the fix, not two ranks on one card."""
+    from dfkt.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("DFKT_DEVICE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for spec in ("auto", "cuda"):
+        with pytest.raises(ConfigError, match="--nproc_per_node=1"):
+            resolve_device(spec)

@@ -15,6 +15,7 @@ test-suite and demo outcomes the shell script left in ``<out>``); ``--publish`` 
 benchmarks/RESULTS.md (CUDA runs only).
 
     python -m dfkt.bench.gpucheck --out bench-out/gpu-check [--dry] [--publish]
+    python -m dfkt.bench.gpucheck --publish-from bench-out/gpu-check/gpu-check.json   # a saved CUDA run
 """
 from __future__ import annotations
 
@@ -220,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--batch-{w.name.split('-')[0]}", type=int, default=w.batch, help=f"{w.name} batch size")
     p.add_argument("--publish", action="store_true", help="write the section into benchmarks/RESULTS.md")
     p.add_argument("--command", default=None, help="the command to record (default: this one)")
+    p.add_argument("--publish-from", default=None, metavar="JSON",
+                   help="publish a gpu-check.json a CUDA run wrote (e.g. copied back from a GPU machine), measuring "
+                        "nothing here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.backends.cudnn.benchmark = True
     batches = {w.name: getattr(a, f"batch_{w.name.split('-')[0]}") for w in WORKLOADS}
     command = a.command or "python -m dfkt.bench.gpucheck " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
+        if a.publish_from:
+            from .suite import SUITE_DIR
+
+            doc = json.loads(Path(a.publish_from).read_text())
+            print(f"published to {publish(doc, SUITE_DIR / 'RESULTS.md')}")
+            return 0
         doc = run(Path(a.out), a.dry, a.steps, a.warmup, command, batches)
         print(markdown(doc))
         if a.publish:

@@ -26,7 +26,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         spec = os.environ["DFKT_DEVICE"].strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", _local_gpu())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -36,11 +36,21 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
                         "falling back to 'cpu' (set device: cpu to silence this).", spec)
             return torch.device("cpu")
         if spec == "cuda" and "LOCAL_RANK" in os.environ:
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            return torch.device("cuda", _local_gpu())
     try:
         return torch.device(spec)
     except RuntimeError:
         raise ConfigError(f"unknown device {spec!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+
+
+def _local_gpu() -> int:
+    """This rank's GPU under torchrun (LOCAL_RANK), 0 otherwise; one GPU per process, so more processes per
+    node than GPUs is an error rather than two ranks silently sharing a card (NCCL refuses that later)."""
+    rank, n = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if rank >= n:
+        raise ConfigError(f"torchrun started local rank {rank} but this machine has {n} GPU(s): use "
+                          f"--nproc_per_node={n} (one process per GPU), or device: cpu for CPU processes (gloo).")
+    return rank
 
 
 def seed_everything(seed: int) -> torch.Generator:
