@@ -39,7 +39,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def source_acc(source_model, target) -> float:
-    return evaluate(source_model, target, torch.device("cpu"))["acc"]
+    return evaluate(source_model, target)["acc"]
 
 
 def _student(width: int = 8, classes: int = 10) -> nn.Module:
@@ -67,7 +67,7 @@ def test_default_recipe_beats_source_only(source_model, target, source_acc):
     assert all(torch.equal(v, _state(source_model)[k]) for k, v in before_src.items())
     assert all(torch.equal(v, _state(student)[k]) for k, v in before_stu.items())
     # the returned student scores what the result says
-    assert evaluate(res.model, target, torch.device("cpu"))["acc"] == pytest.approx(m["acc"], abs=1e-4)
+    assert evaluate(res.model, target)["acc"] == pytest.approx(m["acc"], abs=1e-4)
 
 
 @pytest.mark.parametrize("recipe, stages", [("baseline-a", ["adapt", "distil"]),

@@ -13,6 +13,7 @@ import yaml
 import dfkt
 from dfkt.api import split_options
 from dfkt.core.context import Context, TrainConfig
+from dfkt.core.device import model_device
 from dfkt.data import get_domain
 from dfkt.distill import DataPool, Generator
 from dfkt.distill.lopes import record_metadata
@@ -45,7 +46,7 @@ def teachers(digits):
         res = dfkt.train_supervised(build_model(name), train, None, epochs=8, lr=0.05, batch_size=64,
                                     schedule="cosine", progress=False)
         out[name] = res.model.eval()
-        acc = dfkt.core.evaluate.evaluate(res.model, test, torch.device("cpu"))["acc"]
+        acc = dfkt.core.evaluate.evaluate(res.model, test)["acc"]
         assert acc > 85, f"{name} teacher only reached {acc:.1f}% on the digits"
         out[name].acc = acc
     return out
@@ -69,7 +70,8 @@ def make_method(teacher, student, method, input_shape, **options):
     """Build a method object exactly as dfkt.distill does (to call synthesize / inspect it)."""
     cls = get_method(method, task="dfkd")
     opts, tc = split_options(cls, options)
-    ctx = Context(learner=student, teacher=teacher.eval(), train=tc, device=torch.device("cpu"),
+    device = model_device(teacher)       # the teachers train on DFKT_TEST_DEVICE (cuda in gpu-check.sh)
+    ctx = Context(learner=student.to(device), teacher=teacher.eval(), train=tc, device=device,
                   num_classes=10, input_shape=input_shape, rng=torch.Generator().manual_seed(tc.seed))
     return cls(ctx, opts)
 

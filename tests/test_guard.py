@@ -101,7 +101,7 @@ def test_guard_fires_on_a_collapse_and_rolls_back(source_model, target, caplog):
         rec = res.history.records[g["returned_epoch"] - 1]
         assert res.acc == pytest.approx(rec["acc"]) and not rec["guard_collapsed"]
     from dfkt.core.evaluate import evaluate
-    assert evaluate(res.model, target, torch.device("cpu"))["acc"] == pytest.approx(res.acc)
+    assert evaluate(res.model, target)["acc"] == pytest.approx(res.acc)
 
     warned = dfkt.adapt(source_model, target, on_collapse="warn", **COLLAPSE, **CPU)
     assert warned.guard["fired"] and warned.guard["returned_epoch"] == last["epoch"]

@@ -6,15 +6,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.split import split
+from .device import model_device
 from .loader import make_loader
 
 EPS = 1e-5
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, device: torch.device, batch_size: int = 512,
+def predict(model: nn.Module, dataset, device: torch.device | None = None, batch_size: int = 512,
             features: bool = False) -> dict[str, torch.Tensor]:
-    """Logits (and bottleneck features) for every sample in index order, kept on ``device``."""
+    """Logits (and bottleneck features) for every sample in index order, kept on ``device`` (default: the
+    model's device)."""
+    device = device if device is not None else model_device(model)
     was = model.training
     model.eval()
     parts = split(model) if features else None
@@ -78,10 +81,11 @@ def label_free_scores(logits: torch.Tensor) -> dict[str, float]:
     return {"entropy": float(ent), "im": float(div - ent), "snd": snd(p)}
 
 
-def evaluate(model: nn.Module, dataset, device: torch.device, label_free: bool = False,
+def evaluate(model: nn.Module, dataset, device: torch.device | None = None, label_free: bool = False,
              batch_size: int = 512) -> dict[str, float]:
     """{'acc': percent} (+ label-free scores) of ``model`` on ``dataset``; an unlabeled data set (every
-    label -1) has no 'acc', only the label-free scores (given whatever ``label_free`` says)."""
+    label -1) has no 'acc', only the label-free scores (given whatever ``label_free`` says). ``device``
+    defaults to the model's."""
     out = predict(model, dataset, device, batch_size)
     labelled = bool((out["labels"] >= 0).any())
     res = {"acc": accuracy(out["logits"], out["labels"])} if labelled else {}
