@@ -114,7 +114,10 @@ def test_ema_student_tracks_training_without_changing_it(teachers, digits):
     plain = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
     torch.manual_seed(0)
     ema = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), ema=0.9, **kw)
-    assert [r["kd"] for r in ema.history.records] == [r["kd"] for r in plain.history.records]
+    # bit-identical on the CPU; CUDA's conv backward is not deterministic, so there the same within 3 %
+    same = (lambda a, b: a == b) if model_device(teachers["lenet5"]).type == "cpu" else \
+        (lambda a, b: a == pytest.approx(b, rel=0.03))
+    assert same([r["kd"] for r in ema.history.records], [r["kd"] for r in plain.history.records])
     pw, ew = plain.model.state_dict(), ema.model.state_dict()
     assert pw.keys() == ew.keys() and any(not torch.allclose(pw[k], ew[k]) for k in pw)
     assert ema.acc > 50.0 and abs(ema.acc - plain.acc) < 10.0, (ema.acc, plain.acc)
@@ -150,6 +153,7 @@ def test_losses_decrease(teachers, digits):
     res = dfkt.distill(teachers["lenet5"], student0, method="dfad", input_shape=(1, 32, 32),
                        epochs=3, iters_per_epoch=20, batch_size=32, kd_steps=3, progress=False)
     x = res.synthesize(256)
+    student0.to(x.device)
     with torch.no_grad():
         t_logits = teachers["lenet5"].eval()(x)
         gap = lambda m: (m.eval()(x) - t_logits).abs().mean()  # noqa: E731
@@ -160,8 +164,8 @@ def test_deepinversion_bn_loss_decreases(teachers):
     m = make_method(teachers["lenet5-bn"], build_model("lenet5-half"), "deepinversion", (1, 32, 32),
                     batch_size=32, inv_steps=1)
     m.setup()
-    x = torch.randn(32, 1, 32, 32, requires_grad=True)
-    y = torch.arange(32) % 10
+    x = torch.randn(32, 1, 32, 32, device=m.ctx.device, requires_grad=True)
+    y = torch.arange(32, device=m.ctx.device) % 10
     opt = torch.optim.Adam([x], lr=0.1)
     first = None
     for _ in range(20):
