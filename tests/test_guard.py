@@ -138,3 +138,33 @@ def test_on_collapse_is_validated(source_model, target):
     with pytest.raises(ConfigError, match="on_collapse"):
         dfkt.adapt(source_model, target, method="shot", on_collapse="ignore", **CPU)
 
+
+
+def test_anchor_term_pulls_back_the_confident_half_only():
+    """SFDAMethod.anchor_loss (shot, shot-im, ccl's ``anchor``): a CE to the reference's predictions on its
+    confident half. Minimised alone from random logits it restores every confident prediction and never
+    touches an unsure row; anchor=0 adds no term. (The term itself: an end-to-end margin with and without
+    it depends on the thread count in a collapsing run, so it is tested here, where it is exact.)"""
+    from types import SimpleNamespace
+
+    from dfkt.sfda.common import SFDAMethod
+
+    g = torch.Generator().manual_seed(0)
+    ref = Reference(torch.randn(400, 5, generator=g) * 3)
+    method = lambda w: SimpleNamespace(opt=lambda name, default: w if name == "anchor" else default,  # noqa: E731
+                                       ctx=SimpleNamespace(reference=ref))
+    idx = torch.arange(400)
+    assert SFDAMethod.anchor_loss(method(0.0), torch.zeros(400, 5), idx) is None
+    start = torch.randn(400, 5, generator=g)
+    z = start.clone().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=50.0)
+    before = float(ref.measure(start)["changed_confident"])
+    for _ in range(100):
+        loss = SFDAMethod.anchor_loss(method(1.0), z, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = z.detach()
+    assert before > 0.5 and float(ref.measure(z)["changed_confident"]) == 0.0
+    assert torch.equal(z[~ref.confident], start[~ref.confident])          # unsure rows: no gradient at all
+    assert float(SFDAMethod.anchor_loss(method(1.0), z, idx)) < 0.1 * float(SFDAMethod.anchor_loss(method(1.0), start, idx))
