@@ -249,6 +249,21 @@ def _check_classes(n: int, role: str) -> None:
                          f"binary task give it 2 outputs).")
 
 
+def _check_pair(teacher: nn.Module, student: nn.Module, num_classes: int | None, t_role: str = "teacher",
+                s_role: str = "student") -> int:
+    """The teacher's class count, checked: a classifier, the student predicts the same classes, and
+    ``num_classes`` (when given) agrees with the teacher's head."""
+    t_cls, s_cls = num_classes_of(teacher), num_classes_of(student)
+    _check_classes(t_cls, t_role)
+    if t_cls != s_cls:
+        raise ModelError(f"the {t_role} has {t_cls} classes but the {s_role} has {s_cls}; the {s_role} must predict the "
+                         f"same classes: build it with num_classes={t_cls}.")
+    if num_classes is not None and num_classes != t_cls:
+        raise ModelError(f"num_classes={num_classes} but the {t_role}'s head has {t_cls} outputs; fix num_classes "
+                         f"or use the right {t_role}.")
+    return t_cls
+
+
 def adapt(model: nn.Module, target, method: str = "shot", *, num_classes: int | None = None,
           eval_data=None, train: TrainConfig | dict | None = None, out: str | Path | None = None,
           resume: bool = False, **options: Any) -> Result:
@@ -352,14 +367,7 @@ def distill(teacher: nn.Module, student: nn.Module, method: str = "dafl", *, inp
     input_shape = tuple(int(s) for s in input_shape)
     teacher = _own_copy(teacher, device, input_shape, "teacher", trains=False)
     student = _own_copy(student, device, input_shape, "student")
-    t_classes, s_classes = num_classes_of(teacher), num_classes_of(student)
-    _check_classes(t_classes, "teacher")
-    if t_classes != s_classes:
-        raise ModelError(f"teacher has {t_classes} classes but student has {s_classes}; build the student "
-                         f"with num_classes={t_classes}.")
-    if num_classes is not None and num_classes != t_classes:
-        raise ModelError(f"num_classes={num_classes} but the teacher's head has {t_classes} outputs; "
-                         f"fix num_classes or use the right teacher.")
+    t_classes = _check_pair(teacher, student, num_classes)
     if cls.needs_teacher_bn:
         batchnorm_layers(teacher, cls.name)
     if eval_data is not None:

@@ -61,18 +61,30 @@ def _train_overrides(cfg, args) -> None:
     seed_everything(cfg.train.seed)
 
 
+def _source_ref(cfg, kind: str):
+    """The source model reference of an adapt/compress config: ``source_model`` (a dfkt model.pt) merged
+    into ``model.checkpoint``; one of the two is needed."""
+    if cfg.source_model:
+        if cfg.model.checkpoint and cfg.model.checkpoint != cfg.source_model:
+            raise ConfigError(f"{kind} config: give the source weights once: `source_model` or `model.checkpoint`.")
+        cfg.model.checkpoint = cfg.source_model
+    if cfg.model.arch is None and cfg.model.checkpoint is None:
+        raise ConfigError(f"{kind} config: give `source_model` (a dfkt model.pt) and/or `model`.")
+    return cfg.model
+
+
+def _student_arch(cfg, kind: str) -> None:
+    if cfg.student.arch is None:
+        raise ConfigError(f"{kind} config: student needs `name` (a registry model, see `dfkt list`), `timm` or "
+                          "`torchvision`.")
+
+
 def cmd_adapt(args) -> int:
     from . import api as dfkt     # not ``import dfkt``: the subpackage dfkt.distill can shadow dfkt.distill()
     cfg = _load("adapt", args)
     _train_overrides(cfg, args)
     get_method(cfg.method, task="sfda")  # fail fast, before any loading
-    if cfg.source_model:
-        if cfg.model.checkpoint and cfg.model.checkpoint != cfg.source_model:
-            raise ConfigError("adapt config: give the source weights once: `source_model` or `model.checkpoint`.")
-        cfg.model.checkpoint = cfg.source_model
-    if cfg.model.arch is None and cfg.model.checkpoint is None:
-        raise ConfigError("adapt config: give `source_model` (a dfkt model.pt) and/or `model`.")
-    model = cfg.model.build()
+    model = _source_ref(cfg, "adapt").build()
     target = cfg.target.build(args.data_root)
     eval_data = cfg.eval.build(args.data_root) if cfg.eval else None
     res = dfkt.adapt(model, target, method=cfg.method, eval_data=eval_data, train=cfg.train, out=cfg.out,
@@ -88,9 +100,7 @@ def cmd_distill(args) -> int:
     _train_overrides(cfg, args)
     get_method(cfg.method, task="dfkd")
     teacher = cfg.teacher.build()
-    if cfg.student.arch is None:
-        raise ConfigError("distill config: student needs `name` (a registry model, see `dfkt list`), `timm` or "
-                          "`torchvision`.")
+    _student_arch(cfg, "distill")
     if "num_classes" not in (cfg.student.kwargs or {}):
         cfg.student.num_classes = cfg.teacher.num_classes if cfg.teacher.arch else cfg.student.num_classes
     student = cfg.student.build()
@@ -121,15 +131,8 @@ def cmd_compress(args) -> int:
     seed_everything(seed if isinstance(seed, int) else 0)   # the student's initial weights follow train.seed
     method = cfg.method or DEFAULT
     get_method(method, task="compress")          # fail fast, before any loading
-    if cfg.source_model:
-        if cfg.model.checkpoint and cfg.model.checkpoint != cfg.source_model:
-            raise ConfigError("compress config: give the source weights once: `source_model` or `model.checkpoint`.")
-        cfg.model.checkpoint = cfg.source_model
-    if cfg.model.arch is None and cfg.model.checkpoint is None:
-        raise ConfigError("compress config: give `source_model` (a dfkt model.pt) and/or `model`.")
-    if cfg.student.arch is None:
-        raise ConfigError("compress config: student needs `name` (a registry model, see `dfkt list`), `timm` or "
-                          "`torchvision`.")
+    _source_ref(cfg, "compress")
+    _student_arch(cfg, "compress")
     source = cfg.model.build()
     if "num_classes" not in (cfg.student.kwargs or {}) and cfg.model.arch:
         cfg.student.num_classes = cfg.model.num_classes

@@ -171,7 +171,7 @@ def test_head_class_count_differs_from_num_classes(shot_net, target28) -> None:
 
 
 def test_teacher_and_student_class_counts_differ() -> None:
-    with pytest.raises(ModelError, match=r"teacher has 10 classes but student has 7.*num_classes=10"):
+    with pytest.raises(ModelError, match=r"teacher has 10 classes but the student has 7.*num_classes=10"):
         api.distill(build_model("lenet5", num_classes=10), build_model("lenet5-half", num_classes=7),
                     method="dafl", input_shape=(1, 32, 32), **CPU)
 

@@ -144,6 +144,7 @@ def markdown(doc: dict) -> str:
 
 
 def plots(doc: dict, out: Path) -> list[Path]:
+    """Called by report.plots, which checked that matplotlib is there and chose its Agg backend."""
     import matplotlib.pyplot as plt
 
     rows = [r for r in summary(doc["records"]) if not math.isnan(r["acc"])]

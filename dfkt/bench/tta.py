@@ -12,7 +12,6 @@ test-time-adaptation tables do, and checks the suite's floors.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError
 
-log = logging.getLogger("dfkt.bench")
 
 _SEGMENTS: dict[str, object] = {}      # corrupted test sets, built once per process
 
@@ -190,14 +188,9 @@ def markdown(doc: dict) -> str:
 
 
 def plots(doc: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
+    """Called by report.plots, which checked that matplotlib is there and chose its Agg backend."""
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plots (pip install 'dfkt[plots]')")
-        return []
     tab = table(doc["records"])
     if not tab:
         return []

@@ -194,14 +194,7 @@ def compress(source_model: nn.Module, student: nn.Module, target, method: str = 
     device = resolve_device(train_d.get("device", "auto"))
     src = api._own_copy(source_model, device, shape, "source model", trains=False)
     stu = api._own_copy(student, device, shape, "student", warn=False)
-    t_cls, s_cls = num_classes_of(src), num_classes_of(stu)
-    api._check_classes(t_cls, "source model")
-    if s_cls != t_cls:
-        raise ModelError(f"the source model has {t_cls} classes but the student has {s_cls}; the student must "
-                         f"predict the same classes: build it with num_classes={t_cls}.")
-    if num_classes is not None and num_classes != t_cls:
-        raise ModelError(f"num_classes={num_classes} but the source model's head has {t_cls} outputs; fix "
-                         f"num_classes or use the right source model.")
+    t_cls = api._check_pair(src, stu, num_classes, "source model")
     n_target = getattr(target, "num_classes", 0) or 0
     if n_target > t_cls:
         raise ModelError(f"the target data set has {n_target} classes but the source model has {t_cls}; "
