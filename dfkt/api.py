@@ -74,8 +74,9 @@ def split_options(method_cls: type, options: dict, train: Any = None) -> tuple[A
                               + f" Method options: {', '.join(sorted(opt_fields)) or 'none'}; "
                                 f"training options: {', '.join(sorted(_TRAIN_KEYS))}.")
     opts = from_dict(method_cls.Options, method_d, f"{method_cls.name} options")
-    tc = from_dict(TrainConfig, train_d, "train").resolved(method_cls.defaults)
-    return opts, tc
+    tc = from_dict(TrainConfig, train_d, "train")
+    rule = getattr(method_cls, "train_defaults", None)    # defaults that depend on the run (DFKD: the budget)
+    return opts, tc.resolved(rule(tc) if rule is not None else method_cls.defaults)
 
 
 def fingerprint(method: str, opts: Any, tc: TrainConfig, extra: dict | None = None) -> str:

@@ -22,7 +22,10 @@ DFKD_SUITE = {
     "methods": {"dafl": {"teacher": "lenet5", "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}},
                 # a variant label: the registered method `dafl` with other options
                 "dafl+adv": {"method": "dafl", "teacher": "lenet5", "options": {"adv": 3.0},
-                             "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}}},
+                             "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}},
+                # no metadata given: the bench records it on the teacher's training split
+                "lopes": {"teacher": "lenet5", "options": {"inv_steps": 2},
+                          "train": {"epochs": 1, "iters_per_epoch": 2, "batch_size": 16}}},
     "tasks": [{"name": "uci32", "source": {"domain": "digits", "size": 32, "split": "train"},
                "target": {"domain": "digits", "size": 32, "split": "test"}}],
 }

@@ -109,7 +109,7 @@ def test_ema_student_tracks_training_without_changing_it(teachers, digits):
     """ema > 0: training is unchanged (same losses), the deployed model is the weight average and
     as good as the trained student (the run is long enough to learn: ~70-85 % on the digits)."""
     kw = dict(method="dafl", input_shape=(1, 32, 32), eval_data=digits[1], epochs=3, iters_per_epoch=15,
-              batch_size=64, pool_batches=10, kd_steps=2, progress=False, seed=3)
+              batch_size=64, pool_batches=10, kd_steps=2, g_out="bn", progress=False, seed=3)
     torch.manual_seed(0)
     plain = dfkt.distill(teachers["lenet5"], build_model("lenet5-half"), **kw)
     torch.manual_seed(0)
@@ -382,20 +382,55 @@ def test_one_step_resnet34_to_resnet18():
     assert res.history.last["step"] == 1 and "kd" in res.history.last
 
 
-def test_mnist_suite_is_valid():
+@pytest.mark.parametrize("name,budget", [("dfkd-mnist", 360)])
+def test_dfkd_suites_run_every_method_at_its_defaults(name, budget):
+    """The suites list every DFKD method with no options: what they report is what
+    dfkt.distill(teacher, student, method=m, input_shape=..., time_budget_s=...) runs."""
     from dfkt.bench.suite import load_suite
 
-    suite = load_suite(str(ROOT / "benchmarks" / "dfkd-mnist.yaml"))
+    suite = load_suite(name)
     suite.validate()
-    assert suite.task == "dfkd" and suite.seeds == 3
-    assert set(METHODS) == {run.method or name for name, run in suite.methods.items()}
-    for name, run in suite.methods.items():
-        cls = get_method(run.method or name, task="dfkd")
-        split_options(cls, run.options, run.train)
-        needs_bn = cls.needs_teacher_bn
-        assert (suite.teachers[run.teacher].model == "lenet5-bn") == needs_bn
-        assert run.train["time_budget_s"] <= 360
+    assert suite.task == "dfkd" and suite.seeds == 3 and suite.defaults_only
+    assert set(METHODS) | {"dafl+adv"} == {run.method or name for name, run in suite.methods.items()}
+    for label, run in suite.methods.items():
+        assert run.method is None and not run.options and set(run.train) == {"time_budget_s"}, label
+        assert run.train["time_budget_s"] <= budget
+        cls = get_method(label, task="dfkd")
+        if cls.needs_teacher_bn:
+            model = build_model(suite.teachers[run.teacher].model)
+            assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), label
     assert len(suite.quick.methods) == 2 and suite.quick.seeds == 1
+
+
+def test_defaults_only_dfkd_suite_takes_only_the_run_length():
+    from dfkt.bench.suite import Suite
+    from dfkt.config import from_dict
+
+    base = yaml.safe_load((ROOT / "benchmarks" / "dfkd-mnist.yaml").read_text())
+    from_dict(Suite, base, "suite").validate()
+    for bad in ({"options": {"adv": 1.0}}, {"train": {"time_budget_s": 10, "lr": 0.01}}):
+        doc = {**base, "methods": {**base["methods"], "dafl": {"teacher": "lenet5", **bad}}}
+        with pytest.raises(ConfigError, match="registered defaults"):
+            from_dict(Suite, doc, "suite").validate()
+    doc = {**base, "quick": {**base["quick"], "overrides": {"dfad": {"options": {"kd_steps": 1}}}}}
+    with pytest.raises(ConfigError, match="quick.overrides"):
+        from_dict(Suite, doc, "suite").validate()
+
+
+def test_budgeted_run_length_rule():
+    """With a time budget and no epochs, epochs is only an upper bound (the budget ends the run);
+    without one the method's own epochs; an explicit value always wins."""
+    from dfkt.distill.method import BUDGETED_EPOCHS
+
+    cls = get_method("dafl", task="dfkd")
+    assert split_options(cls, {})[1].epochs == cls.defaults["epochs"] == 20
+    assert split_options(cls, {"time_budget_s": 60})[1].epochs == BUDGETED_EPOCHS
+    assert split_options(cls, {"time_budget_s": 60, "epochs": 3})[1].epochs == 3
+    opts, tc = split_options(get_method("dafl+adv", task="dfkd"), {})
+    assert opts.adv == 3.0 and opts.g_out == "tanh" and opts.pool_batches == 200 and opts.kd_steps == 6
+    assert split_options(get_method("dafl", task="dfkd"), {})[0].adv == 0.0
+    opts, tc = split_options(get_method("zskt", task="dfkd"), {})
+    assert opts.optimizer == "adam" and tc.lr == 0.002
 
 
 def test_lopes_metadata_from_domain_spec(teachers, digits):

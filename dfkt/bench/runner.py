@@ -26,6 +26,7 @@ from ..core.device import resolve_device
 from ..core.evaluate import evaluate
 from ..errors import ConfigError, suggest
 from ..models import build_model
+from ..registry import get_method
 from ..runconfig import DataRef
 from .suite import MethodRun, ModelRecipe, Suite, TaskSpec
 
@@ -344,6 +345,12 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
     for k, v in opts.items():   # data specs in options (e.g. lopes' metadata) read the suite's data root
         if isinstance(v, dict) and "domain" in v and root is not None:
             opts[k] = {**v, "root": v.get("root", root)}
+    if getattr(get_method(run.method or name, task="dfkd"), "needs_metadata", False) and "metadata" not in opts:
+        # recorded on the teacher's training data, as the teacher's owner would (not a setting of the suite)
+        from ..distill import record_metadata
+
+        seen = _domain(task.source, root, recipe.train_split)
+        opts["metadata"] = record_metadata(teacher, torch.utils.data.DataLoader(seen, batch_size=512))
     res = api.distill(teacher, student, method=run.method or name, input_shape=tuple(suite.input_shape), eval_data=test,
                       seed=seed, device=device, train=train, **opts)
     rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,

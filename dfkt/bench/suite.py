@@ -116,14 +116,18 @@ class Suite:
             return validate(self)
         for name, run in self.methods.items():
             get_method(run.method or name, task=self.task)   # unknown method: a clear error at load time
-            if self.defaults_only and (run.options or run.train):
+            settings = {**({"options": run.options} if run.options else {}), **_not_run_length(run.train)}
+            if self.defaults_only and settings:
                 raise ConfigError(
                     f"suite {self.suite!r} runs every method at its registered defaults (defaults_only: true), "
-                    f"but method {name!r} sets {'options' if run.options else 'train'} "
-                    f"{run.options or run.train}; remove them (change the method's defaults instead, with the "
-                    f"reason in its docstring) or set defaults_only: false.")
-        if self.defaults_only and self.quick.overrides:
-            raise ConfigError(f"suite {self.suite!r}: defaults_only suites take no quick.overrides.")
+                    f"but method {name!r} sets {settings}; remove them (change the method's defaults instead, "
+                    f"with the reason in its docstring) or set defaults_only: false. Only the run length "
+                    f"(train: {{{', '.join(RUN_LENGTH)}}}) may be given per method.")
+        if self.defaults_only:
+            for name, ov in self.quick.overrides.items():
+                if set(ov) - {"train"} or _not_run_length(ov.get("train") or {}):
+                    raise ConfigError(f"suite {self.suite!r}: defaults_only suites take no quick.overrides other "
+                                      f"than the run length (train: {{{', '.join(RUN_LENGTH)}}}); {name!r} sets {ov}.")
         if self.task == "tta":
             from .tta import validate
             validate(self)
@@ -146,6 +150,15 @@ class Suite:
             if m not in self.methods:
                 raise ConfigError(f"suite {self.suite!r}: quick method {m!r} is not in methods."
                                   + suggest(m, self.methods))
+
+
+RUN_LENGTH = ("time_budget_s",)
+"""The one training setting a defaults_only suite may give per method: how long it runs (what the user passes
+to dfkt.distill as ``time_budget_s``), not how."""
+
+
+def _not_run_length(train: dict) -> dict:
+    return {"train": {k: v for k, v in train.items() if k not in RUN_LENGTH}} if set(train) - set(RUN_LENGTH) else {}
 
 
 SUITE_DIR = Path(__file__).resolve().parents[2] / "benchmarks"

@@ -30,10 +30,8 @@ class AdaptThenDistil(Recipe):
 
 @dataclass
 class DataFreeOptions(StageOptions):
-    dfkd: str = "dafl"                  # the DFKD method; its options below are dfkd-mnist's dafl+adv (the
-    #                                     best DFKD recipe there)
-    dfkd_options: dict = field(default_factory=lambda: {"g_out": "tanh", "pool_batches": 200, "kd_steps": 6,
-                                                        "adv": 3.0})
+    dfkd: str = "dafl+adv"              # the DFKD method (at its registered defaults: dfkd-mnist's best recipe)
+    dfkd_options: dict = field(default_factory=dict)    # options of the DFKD method over its defaults
     dfkd_time_s: float = 60.0           # training-time budget of the data-free stage (seconds)
 
     def validate(self, where: str = "options") -> None:

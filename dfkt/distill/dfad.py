@@ -6,6 +6,9 @@ difference), the student minimises it, with ``kd_steps`` student steps per gener
 by 1/discrepancy so that it does not vanish as the student catches up.
 Official MNIST setting: lr_S 0.1 (SGD), lr_G 1e-3 (Adam), batch 256, nz 256, 5 student steps per
 generator step, 50 iterations per epoch.
+
+Defaults (= benchmarks/dfkd-mnist.yaml): the official setting, plus a replay pool of 200 generator batches
+(``pool_batches=200``: the student steps draw from it instead of one fresh generator batch each).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .synthesis import SynthEnv, no_param_grad
 class DFADOptions(GeneratorOptions):
     kd_loss: Literal["kl", "l1"] = "l1"
     kd_steps: int = 5
+    pool_batches: int = 200
     nz: int = 256
     gen_loss: Literal["l1", "log"] = "l1"
     g_schedule: bool = True      # the official code decays the generator's lr with the student's

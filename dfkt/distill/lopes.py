@@ -14,7 +14,11 @@ In suites, ``metadata: {domain: mnist10k, split: train, size: 32}`` records it a
 named dfkt domain (standing for the owner's one-off pass). ``train_loader`` yields ``(x, y, ...)`` batches (or ``(x, y)``); layers default to
 ``['penultimate']`` (the input of the teacher's last Linear); any module name can be added.
 Activations are flattened; a layer whose recorded values are all >= 0 (after a ReLU) is
-matched with its sampled targets clamped at 0.
+matched with its sampled targets clamped at 0. `dfkt bench` records the metadata itself on the teacher's
+training data (the task's source, the teacher recipe's split), as the teacher's owner would.
+
+Defaults (= benchmarks/dfkd-mnist.yaml): 30 Adam steps (lr 0.1) per batch, a pool of 20 batches, 5 student
+steps per batch; student SGD lr 0.1, batch 256, 20 iterations per epoch.
 """
 from __future__ import annotations
 
@@ -176,6 +180,6 @@ class MetadataObjective:
 
 LOPES = register("lopes", task="dfkd", family="metadata")(DFKD(
     "Lopes (Lopes et al., NIPS-W 2017): reconstruct inputs from recorded per-class activation statistics of the "
-    "teacher.", Options=LopesOptions, module=__name__,
+    "teacher.", Options=LopesOptions, module=__name__, needs_metadata=True,
     defaults={"epochs": 20, "iters_per_epoch": 20, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4},
     synthesizer=lambda o: PixelSynthesizer(MetadataObjective())))

@@ -10,6 +10,14 @@ from the options) and its training defaults in a :class:`DFKD` object and regist
 ``batches()`` is the reconstructor (the synthesizer's batches, remembered in the learner's replay pool);
 ``step()`` hands each batch to the learner: ``kd_steps`` student steps on replay data, a fresh synthesizer
 sample or the batch itself.
+
+**Defaults = the benchmark recipe.** Each method's registered defaults (its Options dataclass and its
+``defaults`` training settings) are the settings its benchmark suites run (benchmarks/dfkd-*.yaml list the
+methods with no options), so ``dfkt.distill(teacher, student, method=m, input_shape=..., time_budget_s=...)``
+with no other option runs what the suites report. One rule depends on the budget and is applied here
+(:meth:`DFKD.train_defaults`): with ``time_budget_s`` set and no ``epochs`` given, ``epochs`` is
+:data:`BUDGETED_EPOCHS` (only an upper bound: the budget ends the run, and the student's lr schedule follows
+the budget, see :mod:`.student`); without a budget it is the method's ``epochs`` (20).
 """
 from __future__ import annotations
 
@@ -94,6 +102,8 @@ class DFKD:
     module: str
     defaults: dict = field(default_factory=dict)
     needs_teacher_bn: bool = False
+    needs_metadata: bool = False  # the ``metadata`` option is recorded on the teacher's training data (lopes);
+    #                               `dfkt bench` records it there itself, as the teacher's owner would
     name = "?"                   # set by register()
     task = "dfkd"
     needs_learner_bn = False
@@ -107,5 +117,14 @@ class DFKD:
     def __call__(self, ctx: Context, opts: Any) -> DFKDMethod:
         return DFKDMethod(ctx, opts, self)
 
+    def train_defaults(self, train: Any) -> dict:
+        """The training defaults for a run configured with ``train`` (a TrainConfig, ``None`` = unset): the
+        method's ``defaults``, with ``epochs`` = :data:`BUDGETED_EPOCHS` when a time budget is set."""
+        d = dict(self.defaults)
+        if train.time_budget_s is not None:
+            d["epochs"] = BUDGETED_EPOCHS
+        return d
+
 
 DEFAULTS = {"epochs": 20, "iters_per_epoch": 50, "lr": 0.1, "batch_size": 256, "weight_decay": 5e-4}
+BUDGETED_EPOCHS = 1000   # epochs with a time budget: an upper bound (the budget ends the run)

@@ -27,7 +27,8 @@ class BNSynthOptions(GeneratorOptions):
     conditional: bool = True   # the generator also sees the sampled label (a class embedding scales z);
     #                            the published generators see z only, which needs far more steps
     balance: float = 0.0       # DAFL's class-balance term
-    temperature: float = 20.0  # KD temperature (CMI/Fast use T=20)
+    temperature: float = 1.0   # KD temperature (CMI/Fast publish T=20, which diverges LeNet-5-half at lr 0.1)
+    pool_batches: int = 100    # replay pool of synthesized batches
 
 
 class BNObjective:

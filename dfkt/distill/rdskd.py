@@ -5,10 +5,14 @@ relative to its previous value, ``w * exp(L - L_prev)`` (a term that got worse w
 term is left behind), plus a mode-seeking diversity regulariser: for two latent codes the ratio
 ``mean|G(z1) - G(z2)| / mean|z1 - z2|`` is maximised (Mao et al., 2019), so that different codes
 give different images.
+
+Defaults (= benchmarks/dfkd-mnist.yaml, DAFL's): ``g_out='tanh'``, a replay pool of 200 generator batches,
+6 student steps per generator step; student SGD lr 0.1, batch 256, 50 iterations per epoch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,6 +25,9 @@ from .synthesis import SynthEnv
 
 @dataclass
 class RDSKDOptions(GeneratorOptions):
+    g_out: Literal["bn", "tanh", "affine"] = "tanh"
+    pool_batches: int = 200
+    kd_steps: int = 6
     oh: float = 1.0
     act: float = 0.1
     ie: float = 5.0
