@@ -183,7 +183,7 @@ class DataRef:
         if self.domain:
             root = self.root or data_root or os.environ.get("DFKT_DATA")
             return D.get_domain(self.domain, root=root, split=split, size=self.size or 28,
-                                channels=self.channels or 1, corruption=self.corruption, severity=self.severity,
+                                channels=self.channels, corruption=self.corruption, severity=self.severity,
                                 seed=self.corruption_seed)
         ds = self._build_whole(data_root)
         if split == "all":

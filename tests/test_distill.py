@@ -382,7 +382,7 @@ def test_one_step_resnet34_to_resnet18():
     assert res.history.last["step"] == 1 and "kd" in res.history.last
 
 
-@pytest.mark.parametrize("name,budget", [("dfkd-mnist", 360)])
+@pytest.mark.parametrize("name,budget", [("dfkd-mnist", 360), ("dfkd-color", 600)])
 def test_dfkd_suites_run_every_method_at_its_defaults(name, budget):
     """The suites list every DFKD method with no options: what they report is what
     dfkt.distill(teacher, student, method=m, input_shape=..., time_budget_s=...) runs."""
@@ -400,6 +400,11 @@ def test_dfkd_suites_run_every_method_at_its_defaults(name, budget):
             model = build_model(suite.teachers[run.teacher].model)
             assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), label
     assert len(suite.quick.methods) == 2 and suite.quick.seeds == 1
+    if name == "dfkd-color":
+        assert suite.input_shape == [3, 32, 32] and suite.tasks[0].source.domain == "colormnist"
+        t, s = (sum(p.numel() for p in build_model(m).parameters())
+                for m in (suite.teachers["wrn-16-2"].model, suite.student))
+        assert s < t / 2
 
 
 def test_defaults_only_dfkd_suite_takes_only_the_run_length():
