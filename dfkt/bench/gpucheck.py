@@ -26,7 +26,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,12 +51,13 @@ class Workload:
     batch: int           # per step (GPU)
     dry_batch: int
     dry_size: int
+    options: dict = field(default_factory=dict)   # method options over its defaults
 
 
 WORKLOADS = (
     Workload("shot-resnet50", "shot", "sfda", "resnet50", None, 224, 12, batch=256, dry_batch=2, dry_size=64),
     Workload("dafl-resnet34-resnet18", "dafl", "dfkd", "resnet18-cifar", "resnet34-cifar", 32, 10, batch=1024,
-             dry_batch=4, dry_size=32),
+             dry_batch=4, dry_size=32, options={"kd_steps": 1, "pool_batches": 0}),   # one KD step on the fresh batch
 )
 
 
@@ -89,7 +90,7 @@ def _method(w: Workload, device: torch.device, batch: int, size: int, n_steps: i
     else:
         teacher = build_model(w.teacher, num_classes=w.classes).to(device).eval().requires_grad_(False)
         learner = build_model(w.model, num_classes=w.classes).to(device)
-        opts, tc = split_options(cls, {}, {**train, "iters_per_epoch": n_steps})
+        opts, tc = split_options(cls, dict(w.options), {**train, "iters_per_epoch": n_steps})
         ctx = Context(learner=learner, teacher=teacher, train=tc, device=device, num_classes=w.classes,
                       input_shape=shape, rng=rng)
     return cls(ctx, opts)
