@@ -183,6 +183,9 @@ def distill_config(tmp_path: Path, teacher_model: Path, epochs: int = 4, **train
         "method": DFKD_METHOD, "teacher": {"name": "lenet5", "num_classes": 10, "checkpoint": str(teacher_model)},
         "student": {"name": "lenet5-half"}, "input_shape": [1, 32, 32],
         "eval": {"domain": "digits", "split": "test", "size": 32},
+        # one student step per iteration, so that a kill a few student steps into an epoch is a few
+        # iterations into it; the default replay pool stays on (its state must survive the resume too)
+        "options": {"kd_steps": 1},
         "train": {"epochs": epochs, "iters_per_epoch": 4, "batch_size": 32, "lr": 0.05, "seed": 3, "device": "cpu",
                   **train}})
 
