@@ -190,6 +190,7 @@ def _run(method_cls: type, ctx: Context, opts: Any, eval_fn, out, resume: bool, 
     if finish is not None:
         model, metrics, info = finish(model, history, metrics)
     model = restore_outputs(model)     # the model returns what the caller's did (tuple/dict outputs)
+    model = ctx.caller_layout(model)   # ... in the caller's layout (the run may have used channels_last)
     path = None
     if out is not None and dist.is_main():
         out = Path(out)

@@ -393,3 +393,96 @@ def test_shot_one_step_on_an_image_list(tmp_path: Path):
     assert res.history.last["step"] == 1
     changed = _changed(before, _state(res.model))
     assert any(k.startswith("backbone.") for k in changed) and not any(k.startswith("head.") for k in changed)
+
+
+# ----------------------------------------------------------------------------- no work done twice (issue 14)
+def _count_target_passes(monkeypatch, cls) -> dict:
+    """Rows the learner's backbone sees without gradients (no-grad passes over the target), counted by a
+    forward hook installed when the method is set up (after the source model's own pass)."""
+    seen = {"rows": 0, "layouts": []}
+    setup_extra = cls.setup_extra
+
+    def hooked(self):
+        setup_extra(self)
+        conv = next(m for m in self.ctx.learner.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+        seen["layouts"].append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+
+        def hook(_mod, inp, _out):
+            if not torch.is_grad_enabled():
+                seen["rows"] += inp[0].shape[0]
+
+        self.ctx.parts.backbone.register_forward_hook(hook)
+
+    monkeypatch.setattr(cls, "setup_extra", hooked)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["shot", "ccl"])
+def test_one_target_pass_per_epoch_serves_scores_guard_and_pseudo_labels(method, source_model, target, monkeypatch):
+    """Per epoch one no-grad pass over the target: the evaluation pass (scores, collapse guard) is the next
+    epoch's pseudo-labelling pass (epoch 1 reads the source model's pass). Without the sharing every epoch
+    would run the same pass again, with the same weights; the results are bit-identical either way."""
+    from dfkt.core.context import Context
+    from dfkt.registry import get_method
+
+    cls = get_method(method, task="sfda")
+    kw = dict(method=method, epochs=3, seed=0, on_collapse="warn", **CPU)
+    seen = _count_target_passes(monkeypatch, cls)
+    shared = dfkt.adapt(source_model, target, **kw)
+    assert seen["rows"] == 3 * len(target)                    # 3 evaluation passes, nothing else
+    assert shared.history.last["step"] == 3 * -(-len(target) // 64)
+
+    seen["rows"] = 0
+    monkeypatch.setattr(Context, "shared_pass", lambda self: None)   # every reader runs its own pass
+    separate = dfkt.adapt(source_model, target, **kw)
+    assert seen["rows"] == 6 * len(target)                    # + one pseudo-labelling pass per epoch
+    sa, sb = shared.model.state_dict(), separate.model.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    untimed = [[{k: v for k, v in r.items() if k != "time_s"} for r in res.history.records] for res in (shared, separate)]
+    assert untimed[0] == untimed[1]                               # accuracy, scores, guard: bit-identical
+
+
+def test_cpu_runs_use_channels_last_and_return_the_callers_layout(source_model, target, monkeypatch):
+    """train.memory_format: auto = channels_last for conv nets on the CPU (oneDNN's fast layout; the NCHW
+    CPU max-pool is a slow path); the returned model has the caller's layout; the predictions match the
+    contiguous run's up to float rounding."""
+    from dfkt.core.device import choose_memory_format
+    from dfkt.sfda.shot import Shot
+
+    cpu = torch.device("cpu")
+    assert choose_memory_format(source_model, cpu) == torch.channels_last
+    assert choose_memory_format(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), cpu) is None
+    assert choose_memory_format(source_model, torch.device("meta")) is None        # accelerators: as given
+    assert choose_memory_format(source_model, cpu, "contiguous") == torch.contiguous_format
+    with pytest.raises(ConfigError, match="memory_format"):
+        dfkt.adapt(source_model, target, method="shot", epochs=1, memory_format="nhwc", **CPU)
+
+    seen = _count_target_passes(monkeypatch, Shot)
+    kw = dict(method="shot", epochs=2, seed=0, on_collapse="warn", **CPU)
+    fast = dfkt.adapt(source_model, target, **kw)
+    plain = dfkt.adapt(source_model, target, memory_format="contiguous", **kw)
+    assert seen["layouts"] == [True, False]
+    for res in (fast, plain):
+        w = res.model.backbone.conv_params[3].weight
+        assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+    assert source_model.backbone.conv_params[3].weight.is_contiguous()             # the caller's model untouched
+    a = predict(fast.model, target, cpu)["logits"].argmax(1)
+    b = predict(plain.model, target, cpu)["logits"].argmax(1)
+    assert float((a == b).float().mean()) >= 0.98
+    assert abs(fast.acc - plain.acc) <= 1.5
+
+
+def test_snd_in_place_matches_the_formula():
+    """core.evaluate.snd computes -(q log(q + eps)) in place: the same value as the plain formula, bit for bit."""
+    from dfkt.core.evaluate import EPS, snd
+
+    g = torch.Generator().manual_seed(0)
+    for n in (30, 700):
+        probs = F.softmax(3 * torch.randn(n, 10, generator=g), 1)
+        p = F.normalize(probs, dim=1)
+        sim = p @ p.t()
+        sim.fill_diagonal_(float("-inf"))
+        q = F.softmax(sim / 0.05, 1)
+        ref = float((-(q * torch.log(q + EPS)).sum(1)).sum() / n)
+        assert snd(probs) == ref
+        assert snd(probs, chunk=64) == pytest.approx(ref, rel=1e-6)

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import ConfigError, NonFiniteError
 from ..models.split import Parts, split
 from . import distributed as dist
+from .device import choose_memory_format
 from .loader import make_loader
 
 log = logging.getLogger("dfkt")
@@ -42,6 +43,8 @@ class TrainConfig:
     on_collapse: Literal["rollback", "warn", "stop"] = "rollback"   # SFDA: the label-free collapse guard
     neighbour_index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"   # feature-bank kNN (NRC, AaD,
     #                                       AdaContrast): auto = exact below 50k rows / on GPU, else IVF (core.neighbors)
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"   # layout of the run's conv
+    #                                       weights: auto = channels_last for conv nets on the CPU (core.device)
 
     def validate(self) -> None:
         for name in ("epochs", "iters_per_epoch", "batch_size", "checkpoint_every", "eval_every", "max_bad_steps"):
@@ -173,6 +176,18 @@ class Context:
     parts: Parts = field(init=False)
 
     def __post_init__(self) -> None:
+        # the run's own copies of the models take the layout their convolutions run fastest in on this
+        # device (train.memory_format); the weights are the same numbers, only their strides change
+        self.layout_changed = False
+        for m in (self.learner, self.teacher):
+            if m is not None:
+                fmt = choose_memory_format(m, self.device, self.train.memory_format)
+                if fmt is not None:
+                    was_nchw = any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
+                                   for p in m.parameters())
+                    m.to(memory_format=fmt)
+                    # the caller's layout comes back with the returned model (api._run)
+                    self.layout_changed |= m is self.learner and fmt == torch.channels_last and was_nchw
         self.parts = split(self.learner)
         # BatchNorm running statistics of the learner as of the last good step: a step the guard skips
         # (NaN/inf loss or gradients) puts them back, so a bad batch never leaves them non-finite
@@ -233,6 +248,11 @@ class Context:
         """The pass offered at the current step, if any (weights unchanged since)."""
         lp = self.last_pass
         return lp if lp is not None and lp["step"] == self.step and "features" in lp else None
+
+    def caller_layout(self, model: nn.Module) -> nn.Module:
+        """``model`` (a run's result) back in the layout the caller gave when the run changed it
+        (``train.memory_format``: channels_last on the CPU); the values are untouched."""
+        return model.to(memory_format=torch.contiguous_format) if self.layout_changed else model
 
     def ddp(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DDP under torchrun (gradients averaged over ranks), else itself."""

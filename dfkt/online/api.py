@@ -151,7 +151,7 @@ def tta(model: nn.Module, stream: Any, method: str = "tent", *, protocol: str | 
                   meta={"fingerprint": fp, "config": json.dumps(meta_cfg, default=str)})
     m.finish()
     wall = history.train_time_s or (time.perf_counter() - t0)
-    res = TTAResult(model=m.model(), method=cls.name, protocol=stream.protocol, predictions=m.predictions.cpu(),
+    res = TTAResult(model=ctx.caller_layout(m.model()), method=cls.name, protocol=stream.protocol, predictions=m.predictions.cpu(),
                     labels=labels, segment=stream.domain.clone(), segment_names=list(stream.names),
                     batches=list(plan.batches), history=history, wall_s=wall, config=meta_cfg)
     if out is not None:
