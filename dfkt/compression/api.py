@@ -40,7 +40,7 @@ DEFAULT = "adapt-kd-st"
 
 # TrainConfig keys that apply to every stage of a recipe; the stages' own epochs, lr... are recipe options
 COMMON_TRAIN_KEYS = ("seed", "device", "amp", "num_workers", "progress", "on_collapse", "max_bad_steps",
-                     "neighbour_index")
+                     "neighbour_index", "memory_format")
 
 
 @dataclass
