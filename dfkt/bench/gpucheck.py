@@ -230,18 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     batches = {w.name: getattr(a, f"batch_{w.name.split('-')[0]}") for w in WORKLOADS}
     command = a.command or "python -m dfkt.bench.gpucheck " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        if a.publish_from:
-            from .suite import SUITE_DIR
+    from .suite import SUITE_DIR
 
+    try:
+        if a.publish_from:          # a saved CUDA run (e.g. copied back from a GPU machine): measure nothing
             doc = json.loads(Path(a.publish_from).read_text())
             print(f"published to {publish(doc, SUITE_DIR / 'RESULTS.md')}")
             return 0
         doc = run(Path(a.out), a.dry, a.steps, a.warmup, command, batches)
         print(markdown(doc))
         if a.publish:
-            from .suite import SUITE_DIR
-
             print(f"published to {publish(doc, SUITE_DIR / 'RESULTS.md')}")
     except DfktError as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)

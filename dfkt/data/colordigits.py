@@ -21,8 +21,9 @@ import os
 
 import torch
 
-from dfkt.data.arrays import load_mnist10k, to_float
-from dfkt.data.corruptions import colorize, texture
+from ..errors import DataError
+from .arrays import load_mnist10k, to_float
+from .corruptions import colorize, texture
 
 COLOR_SEED = 0
 TEXTURE_STRENGTH = 0.6   # the background is multiplied by 1 - strength * (1 - texture), texture in [0, 1]
@@ -32,8 +33,6 @@ def color_digits(x: torch.Tensor, seed: int = COLOR_SEED) -> torch.Tensor:
     """Grey digits ``x`` (float ``[N,1,H,W]`` in [0,1], ink = 1) as coloured ``[N,3,H,W]`` images in [0,1];
     the same ``x`` and ``seed`` give the same images."""
     if x.dim() != 4 or x.shape[1] != 1:
-        from dfkt.errors import DataError
-
         raise DataError(f"color_digits takes grey digits [N,1,H,W], got {tuple(x.shape)}")
     g = torch.Generator().manual_seed(int(seed))
     n, _, h, w = x.shape

@@ -19,6 +19,7 @@ losses and weights; a tanh generator output (``g_out='tanh'``), a replay pool of
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,8 +75,7 @@ class DAFLAdvOptions(DAFLOptions):
     adv: float = 3.0       # see the module docstring
 
 
-DAFL_ADV = register("dafl+adv", task="dfkd", family="generator")(DFKD(
-    "DAFL+adv (dfkt): DAFL's generator losses + CMI/Fast's agree-only adversarial KL (weight 3); the "
-    "strongest DFKD recipe on dfkd-mnist.",
-    Options=DAFLAdvOptions, module=__name__, defaults=DEFAULTS,
-    synthesizer=lambda o: GeneratorSynthesizer(dafl_objective)))
+DAFL_ADV = register("dafl+adv", task="dfkd", family="generator")(dataclasses.replace(
+    DAFL, Options=DAFLAdvOptions,      # DAFL itself, with adv=3.0 as its default
+    summary="DAFL+adv (dfkt): DAFL's generator losses + CMI/Fast's agree-only adversarial KL (weight 3); the "
+            "strongest DFKD recipe on dfkd-mnist."))
