@@ -81,7 +81,18 @@ def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):
     for m in a:
         assert b[m]["acc"] == pytest.approx(a[m]["acc"], abs=1e-6), m
         assert b[m]["torch_threads"] >= 1
+        assert b[m]["ref_step_ms"] > 0          # the machine's speed travels with each timing
     assert (par / "report.md").exists()
+    assert "Machine speed: a reference step" in (par / "report.md").read_text()
+
+
+def test_speed_note_names_the_speed_each_run_was_timed_at():
+    from dfkt.bench.report import _speed_note
+
+    recs = [{"ref_step_ms": 20.0}, {"ref_step_ms": 41.5}, {}]
+    (line,) = _speed_note(recs, 30.0)
+    assert "30.0 ms now" in line and "timed at 20.0-41.5 ms" in line and "1 of 3 runs predate" in line
+    assert _speed_note([{}], None) == []
 
 
 def test_bench_merge_combines_parts_without_rerunning(tmp_path, capsys):

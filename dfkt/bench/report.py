@@ -108,7 +108,24 @@ def header(doc: dict, records: list[dict]) -> list[str]:
         out += ["Command:", "", f"    {doc['command']}", ""]
     out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
             f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}."]
-    return out + _threads_note(records, env.get("torch_threads"))
+    return out + _threads_note(records, env.get("torch_threads")) + _speed_note(records, env.get("ref_step_ms"))
+
+
+def _speed_note(records: list[dict], now) -> list[str]:
+    """The machine's reference step (runner.reference_step_ms) now and when the records were timed: runs
+    kept by ``--resume`` or ``--merge`` may come from a faster or slower machine, which moves every timing
+    and every time-budgeted accuracy."""
+    seen = sorted({r["ref_step_ms"] for r in records if r.get("ref_step_ms") is not None})
+    missing = sum(r.get("ref_step_ms") is None for r in records)
+    if now is None and not seen:
+        return []
+    line = (f"Machine speed: a reference step (LeNet-5, batch 64, forward + backward + SGD, one thread) takes "
+            f"{now if now is not None else '?'} ms now")
+    if seen:
+        line += (f"; the runs were timed at {seen[0]}" + (f"-{seen[-1]}" if seen[-1] != seen[0] else "") + " ms")
+    if missing:
+        line += f" ({missing} of {len(records)} runs predate this reading)"
+    return [line + "."]
 
 
 def markdown(doc: dict) -> str:

@@ -48,7 +48,37 @@ def env_info(device: torch.device) -> dict:
     import faiss
 
     info["faiss"] = faiss.__version__
+    info["ref_step_ms"] = reference_step_ms(device)
     return info
+
+
+def reference_step_ms(device: torch.device, steps: int = 7) -> float:
+    """The machine's speed as one number: milliseconds of a reference training step (LeNet-5, a batch of
+    64 at 1x32x32, forward + backward + SGD) on ``device`` with ONE torch thread, the median of ``steps``
+    after two warm-up steps. Time-budgeted results (DFKD's ``time_budget_s``) depend on it: the same code
+    fits about half the steps into a budget on a machine whose reference step is twice as long (seen here
+    between two sessions on the same kind of 2-core VM), so every record carries it (``ref_step_ms``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        model = build_model("lenet5", num_classes=10, seed=0).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.randn(64, 1, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 10, (64,), generator=g).to(device)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        return round(1000 * sorted(times)[len(times) // 2], 2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _hash(obj: Any) -> str:
@@ -195,7 +225,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
         recs = rec if isinstance(rec, list) else [rec]      # a tta run gives one record per corruption
         for r in recs:
             r.update({"suite": suite.suite, "task_name": task.name, "seed": seed, "device": str(dev),
-                      "torch_threads": threads})   # timings depend on it
+                      "torch_threads": threads, "ref_step_ms": doc["env"]["ref_step_ms"]})   # timings depend on them
         records.extend(recs)
         score = (f"acc {recs[0]['acc']} (ref {recs[0]['ref_acc']})" if "acc" in recs[0] else
                  recs[0]["summary"] if "summary" in recs[0] else      # a scale run
