@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from ..core.device import synchronize
 from ..errors import DfktError
 
 log = logging.getLogger("dfkt.gpucheck")
@@ -59,11 +60,6 @@ WORKLOADS = (
     Workload("dafl-resnet34-resnet18", "dafl", "dfkd", "resnet18-cifar", "resnet34-cifar", 32, 10, batch=1024,
              dry_batch=4, dry_size=32, options={"kd_steps": 1, "pool_batches": 0}),   # one KD step on the fresh batch
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _method(w: Workload, device: torch.device, batch: int, size: int, n_steps: int):
@@ -105,13 +101,13 @@ def measure(w: Workload, device: torch.device, batch: int, size: int, steps: int
     terms = {}
     for _ in range(warmup):
         terms = m.step(next(it))
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         terms = m.step(next(it))
-    _sync(device)
+    synchronize(device)
     dt = time.perf_counter() - t0
     finite = all(bool(torch.isfinite(v).all()) for v in terms.values())
     out = {"name": w.name, "method": w.method, "model": w.model, "teacher": w.teacher,

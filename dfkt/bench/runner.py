@@ -22,8 +22,9 @@ from .. import api
 from ..config import to_dict
 from ..core import distributed as dist
 from ..core.checkpoint import load_model, save_model
-from ..core.device import resolve_device
+from ..core.device import model_device, resolve_device, synchronize
 from ..core.evaluate import evaluate
+from ..core.loader import make_loader
 from ..errors import ConfigError, suggest
 from ..models import build_model
 from ..registry import get_method
@@ -72,8 +73,7 @@ def reference_step_ms(device: torch.device, steps: int = 7) -> float:
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         return round(1000 * sorted(times)[len(times) // 2], 2)
@@ -380,7 +380,7 @@ def _run_dfkd(suite: Suite, task: TaskSpec, name: str, seed: int, root, cache: P
         from ..distill import record_metadata
 
         seen = _domain(task.source, root, recipe.train_split)
-        opts["metadata"] = record_metadata(teacher, torch.utils.data.DataLoader(seen, batch_size=512))
+        opts["metadata"] = record_metadata(teacher, make_loader(seen, 512, model_device(teacher), shuffle=False))
     res = api.distill(teacher, student, method=run.method or name, input_shape=tuple(suite.input_shape), eval_data=test,
                       seed=seed, device=device, train=train, **opts)
     rec = {"task": "dfkd", "method": name, "dataset": _domain_label(task.source), "teacher": recipe.model,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..core.device import synchronize
 from ..errors import ConfigError
 
 OPTION_KEYS = ("nprobe", "candidates")
@@ -119,13 +120,9 @@ def run_scale(suite, task, name: str, seed: int, root, cache: Path, device: str,
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(sp.rows, generator=g)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     t0 = time.perf_counter()
     index.search(bank[:1], 1)                                   # builds an approximate index
-    sync()
+    synchronize(dev)
     build_s = time.perf_counter() - t0
     times, recalls = [], []
     warm = 2
@@ -133,14 +130,14 @@ def run_scale(suite, task, name: str, seed: int, root, cache: Path, device: str,
         s = (step * sp.batch_size) % (sp.rows - sp.batch_size)
         idx = order[s:s + sp.batch_size].to(dev)
         drift = F.normalize(bank[idx] + 0.1 * torch.randn(idx.numel(), sp.dim, generator=g).to(dev), dim=1)
-        sync()
+        synchronize(dev)
         t0 = time.perf_counter()
         bank[idx] = drift                                       # the training step's bank write
         index.mark(idx)
         _, nn = batch_knn(bank[idx], index, sp.K, idx)
         flat = nn.reshape(-1)
         _, nn2 = batch_knn(bank[flat], index, sp.KK, flat)
-        sync()
+        synchronize(dev)
         if step >= warm:
             times.append(time.perf_counter() - t0)
             if index.approximate and step - warm < sp.recall_steps:

@@ -92,3 +92,10 @@ def choose_memory_format(model: torch.nn.Module, device: torch.device,
         raise ConfigError(f"unknown train.memory_format {choice!r}; use 'auto', 'channels_last' or 'contiguous'.")
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     return torch.channels_last if device.type == "cpu" and has_conv else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA kernels run asynchronously), so that a wall-clock
+    reading covers it; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

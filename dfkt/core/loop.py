@@ -24,6 +24,7 @@ from ..errors import CheckpointError, DataError
 from . import distributed as dist
 from .checkpoint import (FORMAT_VERSION, RESUME_FORMAT, RESUME_NAME, atomic_save, load_state_strict, model_spec,
                          read_checkpoint)
+from .device import synchronize
 from .method import Method
 from .runlog import FLUSH_EVERY, RunLog
 
@@ -174,8 +175,7 @@ def fit(method: Method, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = N
             raise DataError(f"{method.name} made no training step in its first epoch: {size} with batch_size "
                             f"{tc.batch_size} give no usable batch (batches of fewer than 2 samples are skipped: "
                             f"BatchNorm needs 2 per batch); lower batch_size or give more data.")
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
+        synchronize(ctx.device)
         history.train_time_s += time.perf_counter() - t0
         ctx.time_base, ctx.epoch_t0 = history.train_time_s, None
         rec = {"epoch": epoch + 1, "step": ctx.step, "time_s": round(history.train_time_s, 3)}

@@ -118,8 +118,9 @@ class DFKD:
         return DFKDMethod(ctx, opts, self)
 
     def train_defaults(self, train: Any) -> dict:
-        """The training defaults for a run configured with ``train`` (a TrainConfig, ``None`` = unset): the
-        method's ``defaults``, with ``epochs`` = :data:`BUDGETED_EPOCHS` when a time budget is set."""
+        """The training defaults for a run configured with ``train`` (the user's TrainConfig, before
+        defaults): the method's ``defaults``, with ``epochs`` = :data:`BUDGETED_EPOCHS` when a time budget
+        is set."""
         d = dict(self.defaults)
         if train.time_budget_s is not None:
             d["epochs"] = BUDGETED_EPOCHS
