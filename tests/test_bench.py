@@ -177,6 +177,21 @@ def test_report_shows_dev_and_heldout_apart():
     assert "headline: the held-out mean" in md and "## b (held-out)" in md and "## a\n" in md
 
 
+def test_report_states_the_dfkd_floors():
+    from dfkt.bench.report import markdown
+
+    def rec(method, seed, acc):
+        return {"task": "dfkd", "task_name": "t", "method": method, "seed": seed, "acc": acc, "ref_acc": 98.0,
+                "teacher": "lenet5", "student": "lenet5-half", "wall_s": 1.0}
+
+    records = [rec("good", 0, 97.9), rec("good", 1, 97.7), rec("weak", 0, 80.0), rec("weak", 1, 90.0)]
+    md = markdown({"suite": "s", "records": records, "env": {}})
+    assert "every method >= 95 % of its teacher: NO (below: weak)" in md
+    assert "the best >= 99.5 %: yes (good 99.8 %)" in md
+    assert "std across seeds <= 1.5 points: NO (above: weak)" in md
+    assert "SFDA accuracy" not in md and "DFKD accuracy is the student's" in md
+
+
 def test_cli_list_and_unknown_config_key(tmp_path, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -179,6 +179,7 @@ def markdown(doc: dict) -> str:
                 out.append(f"| {r['method']} | {r['teacher']} | {r['student']} | {r['acc']:.2f} ± {r['acc_std']:.2f} "
                            f"| {r['of_teacher']:.1f} | {r['ref_acc']:.2f} | {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
                            f"| {r['seeds']} | {', '.join(_f(a) for a in r['per_seed'])} |")
+            out += ["", *_dfkd_floors(rs)]
         else:
             out.append("| method | returned acc % (mean ± std) | last epoch % | source-only % | gain | guard fired "
                        "| time s | seeds | per seed |")
@@ -194,10 +195,30 @@ def markdown(doc: dict) -> str:
                            f"| {r['wall_s']:.1f} ± {r['wall_std']:.1f} "
                            f"| {r['seeds']} | {', '.join(_f(a) for a in r['per_seed'])} |")
         out.append("")
-    out.append("SFDA accuracy is that of the returned model (the last epoch, or the epoch the label-free guard "
-               "rolled back to; never selected with target labels); time is the method's own training time, "
-               "excluding cached source/teacher training and evaluation.")
+    if sfda_recs:
+        out.append("SFDA accuracy is that of the returned model (the last epoch, or the epoch the label-free guard "
+                   "rolled back to; never selected with target labels); time is the method's own training time, "
+                   "excluding cached source/teacher training and evaluation.")
+    else:
+        out.append("DFKD accuracy is the student's at the end of its run (never selected with data labels); time is "
+                   "the method's own training time, excluding cached teacher training and evaluation.")
     return "\n".join(out) + "\n"
+
+
+def _dfkd_floors(rows: list[dict]) -> list[str]:
+    """The data-free floors of one DFKD task (every method >= 95 % of its teacher, the best >= 99.5 %, std
+    across seeds <= 1.5 points), as lines of the report; a method below a floor is named."""
+    if not rows:
+        return []
+    yes = lambda ok: "yes" if ok else "NO"
+    low = [r["method"] for r in rows if not r["of_teacher"] >= 95.0]
+    wide = [r["method"] for r in rows if r["seeds"] > 1 and not r["acc_std"] <= 1.5]
+    best = max(rows, key=lambda r: r["of_teacher"])
+    return ["Floors: every method >= 95 % of its teacher: " + yes(not low) + (f" (below: {', '.join(low)})" if low
+                                                                             else "")
+            + f"; the best >= 99.5 %: {yes(best['of_teacher'] >= 99.5)} ({best['method']} {best['of_teacher']:.1f} %)"
+            + "; std across seeds <= 1.5 points: " + yes(not wide) + (f" (above: {', '.join(wide)})" if wide else "")
+            + "."]
 
 
 def _grid(plt, n: int, ncols: int = 5):

@@ -190,7 +190,9 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
     if resume and results_path.exists():
         prev = json.loads(results_path.read_text())
         records = prev.get("records", [])
-        commands = [c for c in prev.get("command", "").split(" && ") if c] + commands
+        before = [c for c in prev.get("command", "").split(" && ") if c]
+        commands = before + [c for c in commands if c not in before]   # a repeated command (a re-publish, a
+        #                                                                resumed run) is not listed twice
     for other in merge or []:
         path = Path(other)
         path = path / "results.json" if path.is_dir() else path
