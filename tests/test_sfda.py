@@ -295,6 +295,29 @@ def test_jmds_labels_and_scores(source_model, target, source_acc):
     assert lab[:100].eq(0).all() and lab[100:].eq(1).all()
 
 
+def test_oas_shrinkage_follows_the_sample_count():
+    from dfkt.sfda.cowa import oas_shrinkage
+
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    scale = torch.linspace(0.5, 2.0, d)                       # true covariance diag(scale^2)
+
+    def sample_cov(n):
+        x = torch.randn(n, d, generator=g) * scale
+        x = x - x.mean(0)
+        return x.t() @ x / n
+
+    few, many = sample_cov(16), sample_cov(20000)
+    assert torch.linalg.matrix_rank(few) < d                  # fewer samples than dimensions: singular
+    shrunk = oas_shrinkage(few, torch.tensor(16.0))
+    assert torch.linalg.eigvalsh(shrunk).min() > 0.05         # ... the shrunk estimate is well conditioned
+    assert torch.allclose(torch.diagonal(shrunk).sum(), torch.diagonal(few).sum())   # trace kept
+    truth = torch.diag(scale ** 2)
+    assert (shrunk - truth).norm() < (few - truth).norm()      # and closer to the truth
+    # with plenty of samples the estimate is left (almost) as it is
+    assert (oas_shrinkage(many, torch.tensor(20000.0)) - many).norm() < 0.02 * many.norm()
+
+
 @pytest.mark.parametrize("method,kw", [("nrc", dict(lr=0.001, K=3, KK=2)), ("adacontrast", dict(K=3)),
                                         ("cowa", {}), ("plue", dict(K=3)), ("sfda2", dict(K=3))])
 def test_resume_restores_method_state(method, kw, source_model, target, tmp_path, monkeypatch):
