@@ -207,9 +207,8 @@ def markdown(doc: dict) -> str:
 
 def _dfkd_floors(rows: list[dict]) -> list[str]:
     """The data-free floors of one DFKD task (every method >= 95 % of its teacher, the best >= 99.5 %, std
-    across seeds <= 1.5 points), as lines of the report; a method below a floor is named."""
-    if not rows:
-        return []
+    across seeds <= 1.5 points), as lines of the report (``rows``: one task's, not empty); a method below a
+    floor is named."""
     yes = lambda ok: "yes" if ok else "NO"
     low = [r["method"] for r in rows if not r["of_teacher"] >= 95.0]
     wide = [r["method"] for r in rows if r["seeds"] > 1 and not r["acc_std"] <= 1.5]
