@@ -69,10 +69,7 @@ class AaD(BankMethod):
         disperse = ((p @ allp.t()).sum(1) - (p * p).sum(1)).mean()
         loss = attract + alpha * disperse
         terms = {"attract": attract.detach(), "disperse": disperse.detach()}
-        anchor = self.anchor_loss(logits, batch.idx)      # already weighted by the ``anchor`` option
-        if anchor is not None:
-            loss = loss + anchor
-            terms["anchor"] = anchor.detach()
+        loss = self.add_anchor(loss, terms, logits, batch.idx)
         terms["loss"] = loss.detach()
         self.ctx.optimize(loss, self.optimizer, terms)
         self.step_schedule()

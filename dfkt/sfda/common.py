@@ -237,6 +237,14 @@ class SFDAMethod(Method):
             return None
         return w * pseudo_label_ce(logits, ref.pred[idx], weight=ref.confident[idx].float())
 
+    def add_anchor(self, loss: torch.Tensor, terms: dict, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``loss`` plus :meth:`anchor_loss` (logged as ``terms['anchor']``); ``loss`` itself when it is off."""
+        anchor = self.anchor_loss(logits, idx)
+        if anchor is None:
+            return loss
+        terms["anchor"] = anchor.detach()
+        return loss + anchor
+
     def train_mode(self) -> None:
         """Train mode (BatchNorm on batch statistics), dropout off unless ``dropout=True``."""
         self.ctx.learner.train()

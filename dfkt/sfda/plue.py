@@ -141,10 +141,7 @@ class PLUE(BankMethod):
         div = -(marginal_entropy(lw) + marginal_entropy(lq))
         loss = cls + div
         terms = {"cls": cls.detach(), "div": div.detach(), "weight": w.mean()}
-        anchor = self.anchor_loss(lw, batch.idx)           # the weak view; already weighted by ``anchor``
-        if anchor is not None:
-            loss = loss + anchor
-            terms["anchor"] = anchor.detach()
+        loss = self.add_anchor(loss, terms, lw, batch.idx)    # on the weak view (off by default)
         k = self.moco.keys(xk)
         if o.contrastive:
             q = F.normalize(fq.float(), dim=1)
