@@ -89,10 +89,7 @@ class CCL(SFDAMethod):
         cs = (F.cross_entropy(ls, batch.targets, reduction="none") * w).sum() / w.sum().clamp_min(1)
         loss = o.ent_par * (ent - div) + o.beta * ce + o.consistency * cs
         terms = {"ent": ent.detach(), "div": div.detach(), "ce": ce.detach(), "ce_strong": cs.detach()}
-        anchor = self.anchor_loss(lc, batch.idx)
-        if anchor is not None:
-            loss = loss + anchor
-            terms["anchor"] = anchor.detach()
+        loss = self.add_anchor(loss, terms, lc, batch.idx)
         terms["loss"] = loss.detach()
         self.ctx.optimize(loss, self.optimizer, terms)
         self.step_schedule()

@@ -76,10 +76,7 @@ class Shot(SFDAMethod):
         div = marginal_entropy(logits) if o.gent else torch.zeros((), device=logits.device)
         loss = o.ent_par * (ent - div)
         terms = {"ent": ent.detach(), "div": div.detach()}
-        anchor = self.anchor_loss(logits, batch.idx)
-        if anchor is not None:
-            loss = loss + anchor
-            terms["anchor"] = anchor.detach()
+        loss = self.add_anchor(loss, terms, logits, batch.idx)
         beta = getattr(o, "beta", 0.0)
         if beta > 0:
             ce = pseudo_label_ce(logits, batch.targets)
