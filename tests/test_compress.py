@@ -81,6 +81,26 @@ def test_baselines_chain_the_stages(recipe, stages, source_model, target):
     assert 0 <= res.metrics["acc"] <= 100
 
 
+def test_data_free_stage_is_reused_across_targets(source_model, target, tmp_path):
+    """baseline-b's data-free stage never reads the target: with `cache`, a second target with the same
+    source model, student and settings reuses it (same student weights before adaptation), is counted at its
+    original time, and another student or seed distils anew."""
+    other = get_domain("digits", split="test", corruption="gaussian_noise", severity=3)
+    kw = dict(method="baseline-b", dfkd_time_s=0.5, cache=tmp_path / "c", seed=0, **TINY, **CPU)
+    first = dfkt.compress(source_model, _student(8), target, **kw)
+    assert "reused" not in first.stages[0] and len(list((tmp_path / "c").glob("*.pt"))) == 1
+    second = dfkt.compress(source_model, _student(8), other, **kw)
+    assert second.stages[0]["reused"] and second.stages[0]["wall_s"] == first.stages[0]["wall_s"]
+    assert second.wall_s >= second.stages[0]["wall_s"]
+    # source-only adaptation leaves the student as distilled: both targets got the same data-free student
+    assert all(torch.equal(v, second.model.state_dict()[k]) for k, v in first.model.state_dict().items())
+    third = dfkt.compress(source_model, _student(16), target, **kw)
+    assert "reused" not in third.stages[0] and len(list((tmp_path / "c").glob("*.pt"))) == 2
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="folder"):
+        dfkt.compress(source_model, _student(8), target, **{**kw, "cache": tmp_path / "f"})
+
+
 def test_bad_inputs(source_model, target, caplog):
     with pytest.raises(ModelError, match="num_classes=10"):
         dfkt.compress(source_model, _student(8, classes=7), target, **TINY, **CPU)

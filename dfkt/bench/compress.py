@@ -5,6 +5,10 @@ A record: ``method`` (the recipe: ``adapt-kd-st``, ``baseline-a``...), ``student
 ``acc`` (the student on the target), ``teacher_acc`` (the adapted teacher, for recipes that adapt it),
 ``ref_acc`` (the unadapted source model), ``student_params``, ``teacher_params``, ``wall_s`` (the whole
 compress call), ``stages``, ``heldout``.
+
+The suite's cache folder also keeps baseline-b's data-free stage (``dfkt.compress(cache=...)``): it never reads
+the target, so each (source model, student, seed) distils once and the source's other targets reuse it; the
+record counts the reused stage at its original wall time (its stage row says ``reused``).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def run_compress(suite, task, name: str, seed: int, root, cache: Path, device: s
     run = suite.methods[name]
     opts, train = _merge(run, override)
     res = compression.api.compress(source, student, target, method=run.method or name, seed=seed, device=device,
-                                   progress=progress, train=train, **opts)
+                                   progress=progress, train=train, cache=cache / "stages", **opts)
     m = res.metrics
     return {"task": "compress", "method": name, "recipe": run.method or name, "source": _domain_label(task.source),
             "target": _domain_label(task.target), "heldout": task.heldout, "student": task.student,

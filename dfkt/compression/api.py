@@ -12,14 +12,19 @@ Target labels, where the target has them, only score the stages (``acc``); nothi
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+import torch
 from torch import nn
 
 from .. import api
@@ -58,6 +63,20 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _fingerprint(*parts: Any) -> str:
+    """A hash of models (their state: architecture names and every weight's bytes) and settings."""
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, nn.Module):
+            for k, v in dist.unwrap(p).state_dict().items():
+                h.update(k.encode())
+                h.update(str(v.dtype).encode())
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Job:
     """What a recipe works with: the caller's models (never modified), the target, the common settings."""
@@ -69,11 +88,17 @@ class Job:
     train: dict                     # the COMMON_TRAIN_KEYS given
     input_shape: tuple
     stages: list[dict] = field(default_factory=list)
+    cache: Optional[Path] = None    # where stages that never read the target are kept for reuse (or None)
 
-    def _record(self, stage: str, method: str, res: api.Result) -> api.Result:
+    def _record(self, stage: str, method: str, res: api.Result, reused: bool = False) -> api.Result:
         self.stages.append({"stage": stage, "method": method, "wall_s": round(res.wall_s, 3),
-                            "acc": res.metrics.get("acc")})
+                            "acc": res.metrics.get("acc"), **({"reused": True} if reused else {})})
         return res
+
+    @property
+    def reused_s(self) -> float:
+        """The time of the stages taken from the cache (their original run's wall time)."""
+        return sum(s["wall_s"] for s in self.stages if s.get("reused"))
 
     def adapt(self, model: nn.Module, method: str, options: dict, stage: str = "adapt") -> api.Result:
         """SFDA of ``model`` on the target (the guarded model comes back)."""
@@ -104,10 +129,36 @@ class Job:
 
     def distil_data_free(self, teacher: nn.Module, student: nn.Module, method: str, options: dict,
                          time_budget_s: float, stage: str = "distil-data-free") -> api.Result:
-        """Data-free distillation of ``teacher`` into ``student`` (no target image is used)."""
+        """Data-free distillation of ``teacher`` into ``student`` (no target image is used).
+
+        The stage never reads the target, so with ``cache`` set its student is kept there and reused by any
+        later call with the same teacher weights, student (architecture and initial weights), method,
+        options, budget and settings: one source model compressed for several targets distils once. The
+        reused stage is scored again on this call's data and counted at its original wall time."""
         train = {**self.train, "time_budget_s": time_budget_s}
+        eval_data = self.eval_data if self.eval_data is not None else self.target
+        path = None
+        if self.cache is not None:
+            key = _fingerprint(teacher, student, [method, options, train, list(self.input_shape)])
+            path = Path(self.cache) / f"{method.replace('+', '_')}-{key}.pt"
+            if path.exists():
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                model = copy.deepcopy(dist.unwrap(student))
+                model.load_state_dict(saved["state"])
+                device = resolve_device(self.train.get("device", "auto"))
+                model = model.to(device).eval()
+                log.info("%s: the data-free student of an earlier call with the same source model, student and "
+                         "settings is reused (%s)", stage, path.name)
+                res = api.Result(model=model, method=method, history=api.History(), metrics=evaluate(model, eval_data, device),
+                                 wall_s=float(saved["wall_s"]))
+                return self._record(stage, method, res, reused=True)
         res = api.distill(teacher, student, method=method, input_shape=self.input_shape, train=train,
-                          eval_data=self.eval_data if self.eval_data is not None else self.target, **options)
+                          eval_data=eval_data, **options)
+        if path is not None and dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"state": dist.unwrap(res.model).state_dict(), "wall_s": res.wall_s}, tmp)
+            os.replace(tmp, path)
         return self._record(stage, method, res)
 
 
@@ -156,7 +207,7 @@ def _common_train(train, recipe: type) -> dict:
 
 def compress(source_model: nn.Module, student: nn.Module, target, method: str = DEFAULT, *,
              num_classes: int | None = None, eval_data=None, train: TrainConfig | dict | None = None,
-             out: str | Path | None = None, **options: Any) -> CompressResult:
+             out: str | Path | None = None, cache: str | Path | None = None, **options: Any) -> CompressResult:
     """Source-free compression: a ``student`` for the unlabeled ``target``, from ``source_model`` alone.
 
     ``student`` is any classifier for the same classes (normally smaller: a larger one is allowed, with a
@@ -165,7 +216,10 @@ def compress(source_model: nn.Module, student: nn.Module, target, method: str = 
     source model (SFDA, collapse guard) and distils it into the student on the target images with the
     student's own self-training terms. ``options``: the recipe's options (e.g. ``adapt='shot'``,
     ``student_epochs=30``) and the settings every stage shares (``seed``, ``device``, ``progress``,
-    ``on_collapse``...). Neither model is modified. Returns a :class:`CompressResult`.
+    ``on_collapse``...). ``cache``: a folder where stages that never read the target (the data-free
+    distillation of ``baseline-b``) are kept and reused by later calls with the same source model, student
+    and settings, e.g. one source model compressed for several sites. Neither model is modified. Returns a
+    :class:`CompressResult` (its ``wall_s`` counts a reused stage at its original time).
     """
     cls = get_method(method, task="compress")
     train_d = _common_train(train, cls)
@@ -189,6 +243,8 @@ def compress(source_model: nn.Module, student: nn.Module, target, method: str = 
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"out={str(out)!r} is an existing file; `out` names a folder (model.pt, teacher.pt go "
                           f"in it): pass a folder path.")
+    if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
+        raise ConfigError(f"cache={str(cache)!r} is an existing file; `cache` names a folder: pass a folder path.")
     _check_target(target)
     shape = api._sample_shape(target)
     device = resolve_device(train_d.get("device", "auto"))
@@ -205,12 +261,12 @@ def compress(source_model: nn.Module, student: nn.Module, target, method: str = 
                     "the result is no compression; pass a smaller student", s_params, t_params)
     del src, stu
     job = Job(source=source_model, student=student, target=target, eval_data=eval_data, train=train_d,
-              input_shape=shape)
+              input_shape=shape, cache=Path(cache) if cache is not None else None)
     t0 = time.perf_counter()
     ref = evaluate(api._own_copy(source_model, device, shape, "source model", trains=False, warn=False),
                    eval_data if eval_data is not None else target, device)
     student_res, teacher_res = cls(opts).run(job)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 + job.reused_s     # a reused stage at its original time
     metrics = dict(student_res.metrics)
     metrics.update({"teacher_acc": teacher_res.metrics.get("acc") if teacher_res is not None else None,
                     "ref_acc": ref.get("acc"), "student_params": s_params, "teacher_params": t_params})
