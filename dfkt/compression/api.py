@@ -139,7 +139,8 @@ class Job:
         eval_data = self.eval_data if self.eval_data is not None else self.target
         path = None
         if self.cache is not None:
-            key = _fingerprint(teacher, student, [method, options, train, list(self.input_shape)])
+            settings = {k: v for k, v in train.items() if k not in ("progress", "num_workers", "device")}
+            key = _fingerprint(teacher, student, [method, options, settings, list(self.input_shape)])
             path = Path(self.cache) / f"{method.replace('+', '_')}-{key}.pt"
             if path.exists():
                 saved = torch.load(path, map_location="cpu", weights_only=True)
