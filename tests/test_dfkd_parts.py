@@ -27,6 +27,7 @@ BN_METHODS = {"deepinversion", "dfq", "cmi", "fast"}
 # (method, options): every method's synthesizer, cut down to a few steps
 CASES = [("dafl", {"adv": 1.0}), ("dfad", {}), ("rdskd", {}), ("zskt", {"g_steps": 2}),
          ("dfq", {"g_steps": 2, "conditional": True}), ("cmi", {"g_steps": 2, "bank_size": 24}),
+         ("cmi", {"g_steps": 2, "bank_size": 24, "init": "meta"}),
          ("fast", {"g_steps": 2}), ("deepinversion", {"inv_steps": 2}),
          ("deepinversion", {"inv_steps": 2, "pixels": 24, "adi": 1.0}), ("lopes", {"inv_steps": 2})]
 KINDS = {"dafl": GeneratorSynthesizer, "dfad": GeneratorSynthesizer, "rdskd": GeneratorSynthesizer,
