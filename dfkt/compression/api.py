@@ -141,7 +141,7 @@ class Job:
         if self.cache is not None:
             settings = {k: v for k, v in train.items() if k not in ("progress", "num_workers", "device")}
             key = _fingerprint(teacher, student, [method, options, settings, list(self.input_shape)])
-            path = Path(self.cache) / f"{method.replace('+', '_')}-{key}.pt"
+            path = self.cache / f"{method.replace('+', '_')}-{key}.pt"
             if path.exists():
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 model = copy.deepcopy(dist.unwrap(student))
@@ -150,8 +150,8 @@ class Job:
                 model = model.to(device).eval()
                 log.info("%s: the data-free student of an earlier call with the same source model, student and "
                          "settings is reused (%s)", stage, path.name)
-                res = api.Result(model=model, method=method, history=api.History(), metrics=evaluate(model, eval_data, device),
-                                 wall_s=float(saved["wall_s"]))
+                res = api.Result(model=model, method=method, history=api.History(),
+                                 metrics=evaluate(model, eval_data, device), wall_s=float(saved["wall_s"]))
                 return self._record(stage, method, res, reused=True)
         res = api.distill(teacher, student, method=method, input_shape=self.input_shape, train=train,
                           eval_data=eval_data, **options)

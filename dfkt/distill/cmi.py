@@ -49,7 +49,7 @@ class CMIOptions(BNSynthOptions):
     crop_scale: float = 0.5    # smallest side fraction of the local crop
     kd_steps: int = 5
     init: Literal["scratch", "meta"] = "scratch"   # per batch a new generator (official) or a copy of one
-    #                                               that persists and takes a meta step (Fast's); see below
+    #                                               that persists and takes a meta step (Fast's); figures above
 
 
 def random_crop_resize(x: torch.Tensor, scale: float, g: torch.Generator | None) -> torch.Tensor:

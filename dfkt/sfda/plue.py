@@ -82,7 +82,8 @@ class PLUE(BankMethod):
     on the seed-0 source: the bilinear rotation at 28 px rounds the shapes' corners, and the source reads
     four classes confidently as their neighbours (square -> disk, square outline -> ring, triangle outline
     -> square outline, plus -> star: 302 of its 429 errors); plue's own pseudo-labels inherit these
-    confident mistakes, and no method gains more than 3 points on this task. SHOT's ``anchor`` (0.3, which fixed the same kind of drift for aad) does not fix it and is
+    confident mistakes, and no method gains more than 3 points on this task. SHOT's ``anchor`` (0.3, which
+    fixed the same kind of drift for aad) does not fix it and is
     not the default: on the dev half, 3 seeds, dev mean 80.65 -> 79.70, rotate@3 misses 2 -> 1 (seed 0:
     77.0 vs 78.55), mnist->invert 46.7 -> 30.9 (the AdaBN source's confident half is mostly wrong there),
     mnist->uci 88.9 -> 92.4. Differences, stated: 15 epochs
