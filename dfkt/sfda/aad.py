@@ -51,7 +51,8 @@ class AaD(BankMethod):
     """
 
     Options = AaDOptions
-    defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}
+    defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15: 83.41 / 83.84 / 84.10 / 84.42, still rising)
 
     def setup_extra(self) -> None:
         check_target_size(self.ctx, self.opts.K, "aad")

@@ -60,7 +60,8 @@ class AdaContrast(BankMethod):
     """
 
     Options = AdaContrastOptions
-    defaults = {"epochs": 15, "lr": 2e-3, "batch_size": 64, "weight_decay": 1e-4}
+    defaults = {"epochs": 10, "lr": 2e-3, "batch_size": 64, "weight_decay": 1e-4}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15 of the 15-epoch run: 82.61 / 83.35 / 83.52 / 83.71)
 
     def setup_extra(self) -> None:
         o = self.opts

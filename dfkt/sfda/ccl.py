@@ -51,7 +51,8 @@ class CCL(SFDAMethod):
     """
 
     Options = CCLOptions
-    defaults = {"epochs": 15, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3}
+    defaults = {"epochs": 8, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15 of the 15-epoch run: 81.18 / 81.55 / 81.54 / 81.60)
     needs_index = True
 
     def setup_extra(self) -> None:

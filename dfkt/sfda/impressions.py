@@ -69,13 +69,15 @@ class Impressions(SFDAMethod):
     few hundred steps) made images that lowered accuracy (embedded digits, contrast@3, a 3C-GAN-style
     generator + discriminator: 82.5 % with the generated images, 95.5 % without; source 74.7 %), and a
     discriminator between impressions and target adds a min-max game the defaults cannot tune per shift.
-    SGD at SHOT's digit settings (lr 0.01, momentum 0.9, nesterov, wd 1e-3, poly decay), 15 epochs.
+    SGD at SHOT's digit settings (lr 0.01, momentum 0.9, nesterov, wd 1e-3, poly decay), 5 epochs
+    (SFDAMethod's epochs rule).
     sfda-shifts dev, seed 0 (source-only / shot / impressions): motion_blur@4 64.55 / 83.45 / 85.95,
     zigzag@4 62.85 / 71.95 / 79.7, uci->mnist 51.2 / 68.9 / 68.1, shapes->contrast@3 51.2 / 99.05 / 99.4.
     """
 
     Options = ImpressionsOptions
-    defaults = {"epochs": 15, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3}
+    defaults = {"epochs": 5, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15 of the 15-epoch run: 82.29 / 82.31 / 82.30 / 82.27)
     needs_index = True
     needs_teacher_bn = True
 

@@ -41,7 +41,8 @@ class NRC(BankMethod):
     """
 
     Options = NRCOptions
-    defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}
+    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15 of the 15-epoch run: 84.06 / 84.53 / 84.68 / 84.90)
 
     def setup_extra(self) -> None:
         check_target_size(self.ctx, self.opts.K + self.opts.KK, "nrc")

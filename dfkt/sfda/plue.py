@@ -97,7 +97,8 @@ class PLUE(BankMethod):
     """
 
     Options = PLUEOptions
-    defaults = {"epochs": 15, "lr": 1e-2, "batch_size": 64, "weight_decay": 5e-4}
+    defaults = {"epochs": 15, "lr": 1e-2, "batch_size": 64, "weight_decay": 5e-4}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15: 79.39 / 79.59 / 80.14 / 80.65, still rising)
 
     def setup_extra(self) -> None:
         o, ctx = self.opts, self.ctx

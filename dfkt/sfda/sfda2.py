@@ -132,7 +132,8 @@ class SFDA2(BankMethod):
     """
 
     Options = SFDA2Options
-    defaults = {"epochs": 15, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}
+    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "weight_decay": 1e-3}   # epochs: SFDAMethod rule
+    #   (dev mean at epoch 5 / 8 / 10 / 15 of the 15-epoch run: 81.55 / 81.79 / 81.83 / 82.04)
 
     def setup_extra(self) -> None:
         check_target_size(self.ctx, self.opts.K, "sfda2")
