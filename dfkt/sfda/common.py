@@ -166,7 +166,7 @@ class SFDAMethod(Method):
     train.lr for the backbone; the bottleneck gets lr; ``None`` = the size rule below), ``head_lr``
     (multiplier for the head when it is trained), ``momentum``, ``nesterov``, ``dropout``.
 
-    Two rules every SFDA method here follows (issue 9; measured on the dev half of sfda-shifts):
+    The rules every SFDA method here follows (issue 9; measured on the dev half of sfda-shifts):
 
     - **Dropout is off during adaptation** (``dropout=False``; BatchNorm still uses batch statistics).
       The official SHOT/NRC/AaD code adapts in train mode, so the LeNet's Dropout2d(0.5) drops half the
@@ -179,12 +179,11 @@ class SFDAMethod(Method):
       of SHOT, NRC, AaD), x1 below (small networks trained from scratch on the source, like SHOT's digit
       LeNet, whose features must move to fit the target: NRC/AaD at x0.1 on the digit LeNet barely
       adapt or decay).
-
-    A third rule sets each method's default ``epochs`` (issue 9: the suite time): the fewest of 5, 8, 10 and
-    15 whose mean over the sfda-shifts dev half (published 15-epoch run, 3 seeds, the curve of target
-    accuracy per epoch) is within 0.25 points of the 15-epoch mean. Most methods' curves are flat after a
-    few epochs (shot 81.56 at epoch 5 against 81.65 at 15), so 15 spent up to 3x the time for nothing;
-    the held-out half was not read. The figures are beside each method's ``defaults``.
+    - **Epochs stop where the target accuracy stops rising** (each method's ``defaults``; the suite time):
+      the fewest of 5, 8, 10 and 15 whose sfda-shifts dev-half mean (published 15-epoch run, 3 seeds, the
+      accuracy curve per epoch) is within 0.25 points of the 15-epoch mean; the held-out half was not read.
+      Most curves are flat after a few epochs (shot 81.56 at epoch 5 against 81.65 at 15), so 15 spent up
+      to 3x the time for nothing. Each method's figures are beside its ``defaults``.
     """
 
     BIG_BACKBONE = 5_000_000          # parameters; see the backbone_lr rule above
