@@ -67,6 +67,10 @@ def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
     # --resume skips the runs already recorded
     again, _ = run_suite(tmp_path, suite, "--resume", out=out)
     assert len(again["records"]) == len(suite["methods"])
+    # ... and the suite's time counts the commands whose runs it kept
+    assert again["suite_wall_s_total"] == pytest.approx(doc["suite_wall_s_total"] + again["suite_wall_s"], abs=0.11)
+    assert doc["suite_wall_s_total"] == doc["suite_wall_s"] > again["suite_wall_s"]
+    assert f"{again['suite_wall_s_total']} s over all the commands above" in (out / "report.md").read_text()
 
 
 def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):

@@ -182,9 +182,11 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
     results_path = out / "results.json"
     records: list[dict] = []
     commands = [command] if command else []
+    wall_before: float | None = 0.0     # the time of the earlier commands whose records this one keeps (--resume)
     if resume and results_path.exists():
         prev = json.loads(results_path.read_text())
         records = prev.get("records", [])
+        wall_before = prev.get("suite_wall_s_total")    # None: written before dfkt kept it, so unknown
         before = [c for c in prev.get("command", "").split(" && ") if c]
         commands = before + [c for c in commands if c not in before]   # a repeated command (a re-publish, a
         #                                                                resumed run) is not listed twice
@@ -228,6 +230,8 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                  recs[0]["summary"] if "summary" in recs[0] else      # a scale run
                  f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
+        if wall_before is not None:     # kept if this command is killed
+            doc["suite_wall_s_total"] = round(wall_before + time.perf_counter() - t_suite, 1)
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))
 
@@ -244,6 +248,8 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
             rec = _run_one(suite, task, name, seed, data_root, cache, device, override, progress, out)
             finish(rec, task, name, seed, torch.get_num_threads())
     doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
+    if wall_before is not None:
+        doc["suite_wall_s_total"] = round(wall_before + doc["suite_wall_s"], 1)
     if dist.is_main():
         results_path.write_text(json.dumps(doc, indent=1, default=str))
         from .report import write_report
