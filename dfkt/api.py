@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .config import from_dict, to_dict
+from .config import config_hash, from_dict, to_dict
 from .core import distributed as dist
 from .core.checkpoint import load_model, save_model
 from .core.context import Context, TrainConfig
@@ -84,7 +83,7 @@ def fingerprint(method: str, opts: Any, tc: TrainConfig, extra: dict | None = No
                 "time_budget_s", "log_dir"}
     d = {"method": method, "options": to_dict(opts),
          "train": {k: v for k, v in to_dict(tc).items() if k not in volatile}, **(extra or {})}
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return config_hash(d)
 
 
 def _tensor_pair(dataset) -> bool:

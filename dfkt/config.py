@@ -6,7 +6,9 @@ the expected type and, for misspellings, the closest valid keys.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import types
 import typing
 from pathlib import Path
@@ -151,6 +153,13 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-able settings tree (dataclasses through :func:`to_dict` first): the key of
+    cached models, resume fingerprints and reused stages. Key order does not matter; unknown types hash as
+    their ``str``."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 # PyYAML raises plain ValueError/AttributeError/... (not YAMLError) for some malformed scalars,

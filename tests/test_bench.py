@@ -1,5 +1,9 @@
 """`dfkt bench` writes a valid results.json, report.md and plots; the CLI front-ends work."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -63,6 +67,10 @@ def test_bench_writes_results_report_and_plots(tmp_path, suite, capsys):
     # --resume skips the runs already recorded
     again, _ = run_suite(tmp_path, suite, "--resume", out=out)
     assert len(again["records"]) == len(suite["methods"])
+    # ... and the suite's time counts the commands whose runs it kept
+    assert again["suite_wall_s_total"] == pytest.approx(doc["suite_wall_s_total"] + again["suite_wall_s"], abs=0.11)
+    assert doc["suite_wall_s_total"] == doc["suite_wall_s"] > again["suite_wall_s"]
+    assert f"{again['suite_wall_s_total']} s over all the commands above" in (out / "report.md").read_text()
 
 
 def test_bench_jobs_runs_in_workers_with_the_same_results(tmp_path):
@@ -201,3 +209,38 @@ def test_cli_list_and_unknown_config_key(tmp_path, capsys):
     assert main(["adapt", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'trian'" in err and "Did you mean 'train'" in err
+
+
+PARENT = r"""
+import concurrent.futures as cf, multiprocessing as mp, os, sys, time
+from dfkt.bench.runner import _worker_init
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                  initargs=(1, os.getpid()))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 90)      # the worker is busy with a long run ...
+    time.sleep(1)
+    os.kill(os.getpid(), 9)          # ... when the bench is killed hard: no pool shutdown
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"      # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_bench_workers_exit_when_the_bench_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == -9, out.stderr
+    worker = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker), f"worker {worker} outlived the killed bench"

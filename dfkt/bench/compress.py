@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import compression
 from ..errors import ConfigError
 from ..models import build_model
-from .report import _f, _mean_std, header
+from .report import _f, _mean_std, header, suite_time
 
 BASELINE_A = "baseline-a"
 
@@ -111,7 +111,7 @@ def floors(rows: list[dict], recipe: str = compression.DEFAULT) -> list[str]:
 def markdown(doc: dict) -> str:
     recs = [r for r in doc["records"] if r.get("task") == "compress"]
     out = header(doc, recs)
-    out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command; {len(recs)} runs.", ""]
+    out += [f"{suite_time(doc)}; {len(recs)} runs.", ""]
     rows = summary(recs)
     out += ["## Summary over tasks", "",
             "Each mean is over tasks (each task's mean over seeds). `adapted teacher` is the source model after "

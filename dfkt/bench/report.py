@@ -128,6 +128,16 @@ def _speed_note(records: list[dict], now) -> list[str]:
     return [line + "."]
 
 
+def suite_time(doc: dict) -> str:
+    """The suite's elapsed time: the latest command's and, where ``--resume`` kept earlier commands' runs, the
+    total over every command that made the records (source models / teachers trained by a command included)."""
+    line = f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command"
+    total = doc.get("suite_wall_s_total")
+    if total is not None and total != doc.get("suite_wall_s"):
+        line += f", {total} s over all the commands above (runs kept by `--resume` are counted once)"
+    return line
+
+
 def markdown(doc: dict) -> str:
     from .compress import is_compress, markdown as compress_markdown
     from .scale import is_scale, markdown as scale_markdown
@@ -142,9 +152,8 @@ def markdown(doc: dict) -> str:
     rows = summarize(doc["records"])
     out = header(doc, doc["records"])
     total = sum(r.get("wall_s") or 0.0 for r in doc["records"])
-    out += [f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command (runs kept by `--resume` are "
-            f"not re-timed); method time summed over all {len(doc['records'])} runs: {total:.1f} s (cached source "
-            f"models/teachers not counted in `time`).", ""]
+    out += [f"{suite_time(doc)}; method time summed over all {len(doc['records'])} runs: {total:.1f} s (cached "
+            f"source models/teachers not counted in `time`).", ""]
     sfda_recs = [r for r in doc["records"] if r.get("task") == "sfda"]
     if sfda_recs:
         summ = sfda_summary(sfda_recs)

@@ -6,7 +6,6 @@ run, and ``resume=True`` skips the runs already there), then ``report.md`` and p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .. import api
-from ..config import to_dict
+from ..config import config_hash, to_dict
 from ..core import distributed as dist
 from ..core.checkpoint import load_model, save_model
 from ..core.device import model_device, resolve_device, synchronize
@@ -81,10 +80,6 @@ def reference_step_ms(device: torch.device, steps: int = 7) -> float:
         torch.set_num_threads(threads)
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _domain(spec: DataRef, root: Optional[str], split: Optional[str] = None):
     """The data set of a suite's data reference (any kind; relative paths under ``root``)."""
     return spec.build(root, split)
@@ -115,7 +110,7 @@ def _acc(x: Optional[float]) -> Optional[float]:
 def cached_supervised(recipe: ModelRecipe, domain: DataRef, seed: int, root: Optional[str], cache: Path,
                       device: str, num_classes: int) -> torch.nn.Module:
     """Train (once) and cache a model by the hash of its recipe, data and seed."""
-    key = _hash({"recipe": to_dict(recipe), "domain": _data_key(domain), "seed": seed, "v": 1})
+    key = config_hash({"recipe": to_dict(recipe), "domain": _data_key(domain), "seed": seed, "v": 1})
     path = cache / f"{recipe.model}-{_domain_label(domain)}-s{seed}-{key}.pt".replace(":", "_").replace("@", "_")
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(recipe.model, num_classes=num_classes, **recipe.kwargs)
@@ -187,9 +182,11 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
     results_path = out / "results.json"
     records: list[dict] = []
     commands = [command] if command else []
+    wall_before: float | None = 0.0     # the time of the earlier commands whose records this one keeps (--resume)
     if resume and results_path.exists():
         prev = json.loads(results_path.read_text())
         records = prev.get("records", [])
+        wall_before = prev.get("suite_wall_s_total")    # None: written before dfkt kept it, so unknown
         before = [c for c in prev.get("command", "").split(" && ") if c]
         commands = before + [c for c in commands if c not in before]   # a repeated command (a re-publish, a
         #                                                                resumed run) is not listed twice
@@ -233,6 +230,8 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                  recs[0]["summary"] if "summary" in recs[0] else      # a scale run
                  f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
+        if wall_before is not None:     # kept if this command is killed
+            doc["suite_wall_s_total"] = round(wall_before + time.perf_counter() - t_suite, 1)
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))
 
@@ -249,6 +248,8 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
             rec = _run_one(suite, task, name, seed, data_root, cache, device, override, progress, out)
             finish(rec, task, name, seed, torch.get_num_threads())
     doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
+    if wall_before is not None:
+        doc["suite_wall_s_total"] = round(wall_before + doc["suite_wall_s"], 1)
     if dist.is_main():
         results_path.write_text(json.dumps(doc, indent=1, default=str))
         from .report import write_report
@@ -271,8 +272,29 @@ def _task_runners() -> dict:
     return {"sfda": _run_sfda, "dfkd": _run_dfkd, "tta": run_tta, "scale": run_scale, "compress": run_compress}
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
     torch.set_num_threads(threads)
+    if parent is not None:
+        _exit_with_parent(parent)
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this worker process when ``parent`` (the bench) is gone.
+
+    A bench killed with SIGTERM or SIGKILL (``kill``, ``timeout``, a job scheduler) cannot shut its process
+    pool down; its workers would run on as orphans, finishing runs nobody collects and slowing every later
+    job on the machine (measured: two orphans doubled the run times of the next suite). A daemon thread
+    checks every ``every_s`` seconds that the worker's parent is still ``parent`` and exits at once if not.
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        log.warning("the bench process (pid %d) is gone: worker %d exits", parent, os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dfkt-parent-watch", daemon=True).start()
 
 
 def _worker_run(args: tuple) -> tuple[dict, int]:
@@ -304,13 +326,13 @@ def _run_parallel(suite: Suite, pending: list, jobs: int, root, cache: Path, dev
     needed = {}
     for task, name, seed, _ in pending:
         recipe, model_seed = _base_model(suite, task, name, seed)
-        needed[_hash({"r": to_dict(recipe), "d": to_dict(task.source), "s": model_seed})] = (recipe, task, model_seed)
+        needed[config_hash({"r": to_dict(recipe), "d": to_dict(task.source), "s": model_seed})] = (recipe, task, model_seed)
     for recipe, task, model_seed in needed.values():
         cached_supervised(recipe, task.source, model_seed, root, cache, device, suite.num_classes)
     threads = max(1, torch.get_num_threads() // jobs)
     log.info("running %d runs, %d at a time with %d torch thread(s) each", len(pending), jobs, threads)
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                initargs=(threads,)) as pool:
+                                initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(_worker_run, (suite, task, name, seed, root, cache, device, override, False, out)):
                    (task, name, seed) for task, name, seed, override in pending}
         for fut in cf.as_completed(futures):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..config import to_dict
+from ..config import config_hash, to_dict
 from ..errors import ConfigError
 
 
@@ -27,9 +27,9 @@ _SEGMENTS: dict[str, object] = {}      # corrupted test sets, built once per pro
 
 
 def _segment(spec, root: Optional[str]):
-    from .runner import _domain, _hash
+    from .runner import _domain
 
-    key = _hash({"spec": to_dict(spec), "root": str(root)})
+    key = config_hash({"spec": to_dict(spec), "root": str(root)})
     if key not in _SEGMENTS:
         _SEGMENTS[key] = _domain(spec, root)
     return _SEGMENTS[key]
