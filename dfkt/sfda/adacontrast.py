@@ -45,7 +45,8 @@ class AdaContrast(BankMethod):
     features and probabilities. alpha = beta = eta = 1, T 0.07, m 0.999, queue 16384.
 
     Published settings as a rule (official code, VisDA-C / DomainNet-126): SGD, nesterov, momentum 0.9,
-    weight decay 1e-4, cosine lr decay, batch 128, 15 epochs, backbone lr 2e-4 and bottleneck + head x10
+    weight decay 1e-4, cosine lr decay, batch 128, 15 epochs (here 10: SFDAMethod's epochs rule), backbone
+    lr 2e-4 and bottleneck + head x10
     (2e-3). Here ``lr`` is the bottleneck/head lr (2e-3) and the backbone follows the SFDAMethod size rule:
     x0.1 (the published 2e-4) for a backbone >= 5M parameters, x1 below (a from-scratch digit LeNet).
     Dropout is off while adapting (SFDAMethod). Differences, stated: the bank rows are replaced by sample

@@ -115,7 +115,8 @@ class SFDA2(BankMethod):
     estimate over the adapted features (``ClassCovariance``) under the model's argmax labels.
 
     Published settings as a rule (official code and VisDA-C script): SGD lr 1e-3, momentum 0.9, nesterov,
-    weight decay 1e-3, SHOT's poly decay, batch 64, 15 epochs, K 5, alpha 1, beta 5, alpha_1 1e-4,
+    weight decay 1e-3, SHOT's poly decay, batch 64, 15 epochs (here 10: SFDAMethod's epochs rule), K 5,
+    alpha 1, beta 5, alpha_1 1e-4,
     alpha_2 10, lambda_0 5; backbone x0.1, bottleneck and head x1. Here the backbone follows the
     SFDAMethod size rule (x0.1 for >= 5M parameters, x1 for a from-scratch network) and dropout is off
     while adapting. The dispersion decays as published (beta 5), unlike aad's (constant): the squared
