@@ -220,6 +220,12 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                 pending.append((task, name, seed, override))
     t_suite = time.perf_counter()
 
+    def stamp_time() -> None:
+        """This command's elapsed time and, where the earlier commands' is known, the total (--resume)."""
+        doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
+        if wall_before is not None:
+            doc["suite_wall_s_total"] = round(wall_before + doc["suite_wall_s"], 1)
+
     def finish(rec: dict | list[dict], task: TaskSpec, name: str, seed: int, threads: int) -> None:
         recs = rec if isinstance(rec, list) else [rec]      # a tta run gives one record per corruption
         for r in recs:
@@ -230,8 +236,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
                  recs[0]["summary"] if "summary" in recs[0] else      # a scale run
                  f"mean err {sum(r['err'] for r in recs) / len(recs):.2f} % over {len(recs)} corruptions")
         log.info("%s | %s | seed %d: %s in %.1f s", task.name, name, seed, score, recs[0]["wall_s"])
-        if wall_before is not None:     # kept if this command is killed
-            doc["suite_wall_s_total"] = round(wall_before + time.perf_counter() - t_suite, 1)
+        stamp_time()                    # kept if this command is killed
         if dist.is_main():
             results_path.write_text(json.dumps(doc, indent=1, default=str))
 
@@ -247,9 +252,7 @@ def run_suite(suite: Suite, out: str | Path, seeds: Optional[int] = None, quick:
         for task, name, seed, override in pending:
             rec = _run_one(suite, task, name, seed, data_root, cache, device, override, progress, out)
             finish(rec, task, name, seed, torch.get_num_threads())
-    doc["suite_wall_s"] = round(time.perf_counter() - t_suite, 1)
-    if wall_before is not None:
-        doc["suite_wall_s_total"] = round(wall_before + doc["suite_wall_s"], 1)
+    stamp_time()
     if dist.is_main():
         results_path.write_text(json.dumps(doc, indent=1, default=str))
         from .report import write_report

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..core.device import synchronize
 from ..errors import ConfigError
+from .report import suite_time
 
 OPTION_KEYS = ("nprobe", "candidates")
 
@@ -218,7 +219,7 @@ def markdown(doc: dict) -> str:
         out += ["Command:", "", f"    {doc['command']}", ""]
     out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, faiss {env.get('faiss')}, device "
             f"`{env.get('device')}`, {env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, "
-            f"{env.get('platform')}.", f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command.", "",
+            f"{env.get('platform')}.", f"{suite_time(doc)}.", "",
             f"Neighbour search of a feature bank, no training: synthetic clustered {r0['dim']}-d L2-normalised "
             f"features (dfkt/bench/scale.py); one step = NRC's two searches (K={r0['K']} neighbours of a batch of "
             f"{r0['batch_size']}, then KK={r0['KK']} of each of those) after the batch's bank rows are rewritten. "

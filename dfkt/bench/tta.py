@@ -21,6 +21,7 @@ import torch
 
 from ..config import config_hash, to_dict
 from ..errors import ConfigError
+from .report import suite_time
 
 
 _SEGMENTS: dict[str, object] = {}      # corrupted test sets, built once per process
@@ -160,7 +161,7 @@ def markdown(doc: dict) -> str:
         out += ["Command:", "", f"    {doc['command']}", ""]
     out += [f"Environment: dfkt {env.get('dfkt')}, torch {env.get('torch')}, device `{env.get('device')}`, "
             f"{env.get('cpu_count')} CPUs / {env.get('torch_threads')} torch threads, {env.get('platform')}.",
-            f"Suite wall time: {doc.get('suite_wall_s', '?')} s for the latest command.", "",
+            f"{suite_time(doc)}.", "",
             "Online test-time adaptation: every batch is predicted before the model adapts on it; `err` is the "
             "error % of those predictions per corruption (mean over seeds), `mean` the mean over corruptions "
             "(± std over seeds), `samples/s` the throughput over the whole stream with the torch threads listed. "

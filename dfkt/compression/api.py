@@ -15,7 +15,6 @@ import abc
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..config import from_dict, to_dict
+from ..config import config_hash, from_dict, to_dict
 from ..core import distributed as dist
 from ..core.checkpoint import save_model
 from ..core.context import Context, TrainConfig
@@ -63,18 +62,19 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _fingerprint(*parts: Any) -> str:
-    """A hash of models (their state: architecture names and every weight's bytes) and settings."""
+def _weights_digest(model: nn.Module) -> str:
+    """A hash of a model's state: every entry's name, dtype and bytes."""
     h = hashlib.sha1()
-    for p in parts:
-        if isinstance(p, nn.Module):
-            for k, v in dist.unwrap(p).state_dict().items():
-                h.update(k.encode())
-                h.update(str(v.dtype).encode())
-                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    for k, v in dist.unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(*parts: Any) -> str:
+    """A hash of models (their weights' digests) and settings (:func:`~dfkt.config.config_hash`)."""
+    return config_hash([_weights_digest(p) if isinstance(p, nn.Module) else p for p in parts], length=16)
 
 
 @dataclass
